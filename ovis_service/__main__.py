@@ -1,0 +1,3 @@
+from ovis_service.cli import main
+
+raise SystemExit(main())

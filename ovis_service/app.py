@@ -1,0 +1,105 @@
+"""The app factory: settings and engine in, a Litestar app out."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from ovis_service.auth import ApiKeyGuard
+from ovis_service.config import Settings, load_settings
+from ovis_service.engine import Engine
+from ovis_service.http_errors import handle_exception
+from ovis_service.logs import configure_logging
+from ovis_service.request_id import RequestIdMiddleware
+from ovis_service.routes import build_routes
+from ovis_service.schemas import GenerationParams
+from ovis_service.worker import InferenceWorker
+
+logger = structlog.get_logger(__name__)
+
+WORKER_STATE_KEY = "worker"
+_WARMUP_SIZE = 1024  # the default request size, so the common case finds its kernels ready
+
+
+def _warmup_params(settings: Settings) -> GenerationParams | None:
+    if not settings.warmup:
+        return None
+    return GenerationParams(
+        prompt="warm-up",
+        negative_prompt="",
+        num_inference_steps=2,
+        cfg_scale=5.0,  # exercises the guidance path too
+        image_size=min(_WARMUP_SIZE, settings.max_image_size),
+        seed=0,
+    )
+
+
+def _default_engine(settings: Settings) -> Engine:
+    # Imported here so that the app module stays free of torch for tests with fake engines.
+    from ovis_service.pipeline import DiffusersEngine
+
+    return DiffusersEngine(settings)
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Litestar:
+    """Build the service. Works as `uvicorn --factory ovis_service.app:create_app`, reading
+    `OVIS_*` from the environment."""
+    if settings is None:
+        settings = load_settings()
+        configure_logging(settings.log_level)
+    engine = engine if engine is not None else _default_engine(settings)
+    worker = InferenceWorker(
+        engine, capacity=settings.queue_size, warmup=_warmup_params(settings)
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: Litestar) -> AsyncIterator[None]:
+        logger.info(
+            "service_starting",
+            model=settings.model,
+            queue_size=settings.queue_size,
+            offload=settings.offload,
+            auth="on" if settings.api_keys else "off",
+        )
+        # The model loads on the inference thread; /health answers 503 "loading" meanwhile.
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop, settings.drain_timeout)
+
+    security_components = None
+    security = None
+    if settings.api_keys:
+        security_components = Components(
+            security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
+        )
+        security = [{"bearer": []}]
+
+    app = Litestar(
+        route_handlers=build_routes(settings, worker),
+        lifespan=[lifespan],
+        middleware=[RequestIdMiddleware],
+        guards=[ApiKeyGuard(settings.api_keys)],
+        exception_handlers={Exception: handle_exception},
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="ovis-service",
+            version="0.1.0",
+            description="Text-to-image generation with Ovis-Image-7B: JSON in, PNG out.",
+            components=security_components or Components(),
+            security=security,
+        ),
+        logging_config=None,  # structlog owns logging
+    )
+    app.state[WORKER_STATE_KEY] = worker
+    return app
+
+
+def worker_of(app: Litestar) -> InferenceWorker:
+    worker: InferenceWorker = app.state[WORKER_STATE_KEY]
+    return worker

@@ -1,0 +1,36 @@
+"""Optional bearer-token check: on when OVIS_API_KEY holds one or more keys."""
+
+import hmac
+
+import structlog
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from ovis_service.errors import UnauthorizedError
+
+logger = structlog.get_logger(__name__)
+
+PUBLIC = "public"  # route option: reachable without a key (health checks)
+
+
+class ApiKeyGuard:
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self._keys = tuple(key.encode() for key in keys)
+
+    def __call__(self, connection: ASGIConnection, handler: BaseRouteHandler) -> None:  # type: ignore[type-arg]
+        if not self._keys or handler.opt.get(PUBLIC):
+            return
+        header = connection.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            logger.warning("auth_failed", reason="missing bearer token", path=connection.url.path)
+            raise UnauthorizedError("missing API key: send 'Authorization: Bearer <key>'")
+        presented = token.strip().encode()
+        # Compare against every key without stopping early, so timing says nothing about which
+        # key, or how much of one, matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(presented, key)
+        if not matched:
+            logger.warning("auth_failed", reason="invalid API key", path=connection.url.path)
+            raise UnauthorizedError("invalid API key")

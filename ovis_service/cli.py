@@ -1,0 +1,113 @@
+"""`ovis-service`: run the app under uvicorn, drain on SIGTERM and exit 0."""
+
+import argparse
+import signal
+import sys
+from types import FrameType
+
+import structlog
+import uvicorn
+
+from ovis_service.app import create_app, worker_of
+from ovis_service.config import Settings, SettingsError, load_settings
+from ovis_service.logs import configure_logging
+from ovis_service.worker import InferenceWorker, WorkerState
+
+logger = structlog.get_logger(__name__)
+
+EXIT_CONFIG_ERROR = 2
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with two hooks into its own shutdown sequence (no extra signal handler):
+
+    - the worker stops taking jobs and starts its drain clock the moment shutdown begins, while
+      uvicorn is still waiting for in-flight requests;
+    - a model that failed to load, or a dead inference thread, stops the server, so that the
+      process exits non-zero and a restart policy can act.
+    """
+
+    def __init__(self, config: uvicorn.Config, worker: InferenceWorker, drain_timeout: float):
+        super().__init__(config)
+        self._worker = worker
+        self._drain_timeout = drain_timeout
+
+    async def on_tick(self, counter: int) -> bool:
+        if await super().on_tick(counter):
+            return True
+        state = self._worker.snapshot().state
+        if state in (WorkerState.FAILED, WorkerState.DEAD):
+            logger.error("stopping_server", reason=f"inference worker {state.value}")
+            return True
+        return False
+
+    async def shutdown(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
+        self._worker.begin_drain(self._drain_timeout)
+        await super().shutdown(sockets)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ovis-service",
+        description="Serve Ovis-Image-7B over HTTP. Settings come from OVIS_* variables.",
+    )
+    parser.add_argument("--host", help="overrides OVIS_HOST")
+    parser.add_argument("--port", type=int, help="overrides OVIS_PORT")
+    parser.add_argument("--workers", type=int, help="overrides OVIS_WORKERS; each loads the model")
+    parser.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
+    return parser.parse_args(argv)
+
+
+def _swallow_reraised_signal(_signum: int, _frame: FrameType | None) -> None:
+    """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown, which would end the process
+    as killed-by-signal (143). The drain already ran, so the signal has done its job."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"ovis-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    configure_logging(settings.log_level)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    workers = args.workers or settings.workers
+
+    if args.reload or workers > 1:
+        # uvicorn starts child processes that import the app by name; each builds its own.
+        uvicorn.run(
+            "ovis_service.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=None if args.reload else workers,
+            reload=args.reload,
+            log_config=None,
+        )
+        return 0
+    return _serve(settings, host, port)
+
+
+def _serve(settings: Settings, host: str, port: int) -> int:
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:
+        print(f"ovis-service: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    worker = worker_of(app)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, server_header=False)
+    server = DrainingServer(config, worker, settings.drain_timeout)
+    previous = {sig: signal.signal(sig, _swallow_reraised_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    state = worker.snapshot().state
+    if state is not WorkerState.STOPPED:
+        logger.error("exited_unclean", worker_state=state.value)
+        return 1
+    logger.info("exited_clean")
+    return 0

@@ -1,0 +1,5 @@
+"""Everything that imports torch or diffusers lives in this package."""
+
+from ovis_service.pipeline.engine import DiffusersEngine
+
+__all__ = ["DiffusersEngine"]

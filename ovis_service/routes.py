@@ -1,0 +1,184 @@
+"""HTTP handlers: validate, queue, wait, encode. The pipeline itself is never touched here."""
+
+import asyncio
+import secrets
+import time
+from typing import Any
+
+import structlog
+from litestar import Request, Response, get, post
+from litestar.handlers import HTTPRouteHandler
+from litestar.openapi.datastructures import ResponseSpec
+
+from ovis_service.auth import PUBLIC
+from ovis_service.config import Settings
+from ovis_service.errors import DeadlineExceededError, JobCancelledError
+from ovis_service.png import encode_png
+from ovis_service.request_id import current_request_id
+from ovis_service.schemas import (
+    MAX_SEED,
+    ErrorResponse,
+    GenerateRequestBase,
+    GenerationParams,
+    HealthResponse,
+    generate_request_type,
+)
+from ovis_service.worker import InferenceWorker, Job, JobOutcome, WorkerState
+
+logger = structlog.get_logger(__name__)
+
+# The worker enforces the deadline between denoising steps; this grace lets it answer first.
+_DEADLINE_GRACE_SECONDS = 5.0
+
+
+async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
+    """Returns when the client hangs up. The body has been read, so the next ASGI message the
+    server sends is `http.disconnect`."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _await_outcome(
+    job: Job, request: Request[Any, Any, Any], timeout: float
+) -> JobOutcome:
+    disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait(
+            {job.future, disconnect}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if job.future in done:
+            return job.future.result()
+        job.cancel()
+        job.future.cancel()
+        if disconnect in done:
+            raise JobCancelledError("the client disconnected")
+        raise DeadlineExceededError("the request deadline passed")
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+    finally:
+        disconnect.cancel()
+
+
+def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteHandler]:
+    request_type = generate_request_type(
+        max_prompt_chars=settings.max_prompt_chars,
+        max_steps=settings.max_steps,
+        max_image_size=settings.max_image_size,
+    )
+    error_responses = {
+        code: ResponseSpec(data_container=ErrorResponse, description=text)
+        for code, text in {
+            400: "The body is not JSON.",
+            401: "Missing or wrong API key (only when keys are configured).",
+            413: "The body is larger than the configured limit.",
+            422: "A field breaks a rule; `detail` names the field and the rule.",
+            503: "Queue full, model loading, GPU out of memory or shutting down; "
+            "see Retry-After.",
+            504: "The request deadline passed.",
+        }.items()
+    }
+
+    async def generate(data: GenerateRequestBase, request: Request[Any, Any, Any]) -> Response[bytes]:
+        """Generate one square image. The seed used comes back in `X-Seed`."""
+        seed = data.seed if data.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        params = GenerationParams(
+            prompt=data.prompt,
+            negative_prompt=data.negative_prompt,
+            num_inference_steps=data.num_inference_steps,
+            cfg_scale=data.cfg_scale,
+            image_size=data.image_size,
+            seed=seed,
+        )
+        structlog.contextvars.bind_contextvars(
+            seed=seed,
+            image_size=params.image_size,
+            steps=params.num_inference_steps,
+            cfg_scale=params.cfg_scale,
+            prompt_chars=len(params.prompt),
+        )
+        if settings.log_prompts:
+            structlog.contextvars.bind_contextvars(
+                prompt=params.prompt, negative_prompt=params.negative_prompt
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        job = Job(
+            request_id=current_request_id(),
+            params=params,
+            future=loop.create_future(),
+            loop=loop,
+            deadline=now + settings.request_timeout,
+            enqueued_at=now,
+        )
+        worker.submit(job)
+        outcome = await _await_outcome(
+            job, request, settings.request_timeout + _DEADLINE_GRACE_SECONDS
+        )
+        encode_started = time.perf_counter()
+        # Encoding runs off both the event loop and the inference thread, which is already
+        # busy with the next job.
+        png = await asyncio.to_thread(encode_png, outcome.result.image, params, settings.model)
+        encode_seconds = time.perf_counter() - encode_started
+        logger.info(
+            "request_completed",
+            status=200,
+            queue_s=round(outcome.queue_seconds, 4),
+            generation_s=round(outcome.generation_seconds, 4),
+            encode_s=round(encode_seconds, 4),
+            prompt_truncated=outcome.result.prompt_truncated,
+        )
+        return Response(
+            png,
+            media_type="image/png",
+            headers={
+                "X-Seed": str(seed),
+                "X-Prompt-Truncated": "true" if outcome.result.prompt_truncated else "false",
+                "Server-Timing": (
+                    f"queue;dur={outcome.queue_seconds * 1000:.1f}, "
+                    f"generate;dur={outcome.generation_seconds * 1000:.1f}, "
+                    f"encode;dur={encode_seconds * 1000:.1f}"
+                ),
+            },
+        )
+
+    # The annotation carries the configured limits into validation and the OpenAPI schema.
+    generate.__annotations__["data"] = request_type
+
+    async def health() -> Response[HealthResponse]:
+        """Ready (200) only when the model is loaded and the inference thread is alive."""
+        snapshot = worker.snapshot()
+        ready = snapshot.state is WorkerState.READY
+        info = snapshot.info
+        body = HealthResponse(
+            status="ok" if ready else snapshot.state.value,
+            model_loaded=info is not None and snapshot.state in (WorkerState.READY, WorkerState.DRAINING),
+            queue_depth=snapshot.queue_depth,
+            queue_capacity=snapshot.capacity,
+            running=snapshot.running,
+            device=info.device if info else None,
+            model=info.model if info else settings.model,
+            offload=info.offload if info else None,
+            detail=snapshot.detail,
+        )
+        return Response(body, status_code=200 if ready else 503)
+
+    return [
+        post(
+            "/generate",
+            status_code=200,
+            media_type="image/png",
+            summary="Generate an image",
+            responses=error_responses,
+            response_description="The PNG image, with generation parameters in its text chunks.",
+        )(generate),
+        get(
+            "/health",
+            opt={PUBLIC: True},
+            summary="Readiness and queue depth",
+            cache_control=None,
+        )(health),
+    ]
+

@@ -1,0 +1,130 @@
+"""Request and response bodies. The limits live in `Meta`, so the OpenAPI schema shows them."""
+
+import math
+from typing import Annotated, Any
+
+import msgspec
+
+MAX_SEED = 2**63 - 1  # what both torch generators and msgspec integer bounds accept
+MIN_IMAGE_SIZE = 256
+IMAGE_SIZE_STEP = 16
+MAX_CFG_SCALE = 20.0
+
+
+class GenerateRequestBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Checks that `Meta` cannot express; the fields come from `generate_request_type`."""
+
+    prompt: str
+    negative_prompt: str
+    num_inference_steps: int
+    cfg_scale: float
+    image_size: int
+    seed: int | None
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise ValueError("prompt must contain at least one non-whitespace character")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError("cfg_scale must be a finite number")
+
+
+def generate_request_type(
+    *, max_prompt_chars: int, max_steps: int, max_image_size: int
+) -> type[GenerateRequestBase]:
+    """Build the request struct with the configured limits baked into its schema."""
+    prompt_text = Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=max_prompt_chars,
+            description="What to draw. Must not be blank.",
+        ),
+    ]
+    negative_text = Annotated[
+        str,
+        msgspec.Meta(max_length=max_prompt_chars, description="What to steer away from."),
+    ]
+    fields: list[tuple[str, Any, Any]] = [
+        ("prompt", prompt_text, msgspec.NODEFAULT),
+        ("negative_prompt", negative_text, ""),
+        (
+            "num_inference_steps",
+            Annotated[int, msgspec.Meta(ge=1, le=max_steps, description="Denoising steps.")],
+            50,
+        ),
+        (
+            "cfg_scale",
+            Annotated[
+                float,
+                msgspec.Meta(
+                    ge=0.0,
+                    le=MAX_CFG_SCALE,
+                    description="Classifier-free guidance scale; 1 or less turns guidance off "
+                    "and halves the work per step.",
+                ),
+            ],
+            5.0,
+        ),
+        (
+            "image_size",
+            Annotated[
+                int,
+                msgspec.Meta(
+                    ge=MIN_IMAGE_SIZE,
+                    le=max_image_size,
+                    multiple_of=IMAGE_SIZE_STEP,
+                    description="Width and height of the square image, in pixels.",
+                ),
+            ],
+            1024,
+        ),
+        (
+            "seed",
+            Annotated[
+                int,
+                msgspec.Meta(
+                    ge=0,
+                    le=MAX_SEED,
+                    description="Noise seed. Omit it and the server picks one; "
+                    "the X-Seed response header always says which.",
+                ),
+            ]
+            | None,
+            None,
+        ),
+    ]
+    return msgspec.defstruct(
+        "GenerateRequest",
+        fields,
+        bases=(GenerateRequestBase,),
+        kw_only=True,
+        forbid_unknown_fields=True,
+    )
+
+
+class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
+    """One validated job, with the seed already chosen."""
+
+    prompt: str
+    negative_prompt: str
+    num_inference_steps: int
+    cfg_scale: float
+    image_size: int
+    seed: int
+
+
+class HealthResponse(msgspec.Struct, kw_only=True):
+    status: str
+    model_loaded: bool
+    queue_depth: int
+    queue_capacity: int
+    running: int
+    device: str | None
+    model: str
+    offload: str | None
+    detail: str | None = None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    detail: str
+    request_id: str
