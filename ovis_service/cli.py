@@ -7,6 +7,7 @@ from types import FrameType
 
 import structlog
 import uvicorn
+from litestar import Litestar
 
 from ovis_service.app import create_app, worker_of
 from ovis_service.config import Settings, SettingsError, load_settings
@@ -96,10 +97,17 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     except SettingsError as exc:
         print(f"ovis-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    return run_server(app, settings, host=host, port=port)
+
+
+def run_server(app: Litestar, settings: Settings, *, host: str, port: int) -> int:
+    """Serve `app` in this process until SIGTERM/SIGINT; 0 after a clean drain, 1 otherwise."""
     worker = worker_of(app)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, server_header=False)
     server = DrainingServer(config, worker, settings.drain_timeout)
-    previous = {sig: signal.signal(sig, _swallow_reraised_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        sig: signal.signal(sig, _swallow_reraised_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         server.run()
     finally:

@@ -206,7 +206,11 @@ class InferenceWorker:
             with self._lock:
                 self._state = WorkerState.DEAD
                 self._detail = "the inference thread died"
-            self._fail_queued(NotReadyError("the inference thread died"))
+                orphan, self._running_job = self._running_job, None
+            error = NotReadyError("the inference thread died; the service needs a restart")
+            if orphan is not None:
+                self._resolve(orphan, error)
+            self._fail_queued(error)
 
     def _load(self) -> bool:
         started = time.perf_counter()
@@ -288,9 +292,8 @@ class InferenceWorker:
             with self._lock:
                 self._recent_seconds.append(seconds)
             self._resolve(job, JobOutcome(result, queue_seconds, seconds))
-        finally:
-            with self._lock:
-                self._running_job = None
+        with self._lock:
+            self._running_job = None
 
     def _check(self, job: Job) -> None:
         if job.cancelled.is_set():

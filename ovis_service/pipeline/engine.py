@@ -37,6 +37,11 @@ class DiffusersEngine:
         self._dtype = resolve_dtype(settings.dtype, self._device)
         self._pipe: OvisImagePipeline | None = None
 
+    @property
+    def pipeline(self) -> OvisImagePipeline | None:
+        """The loaded pipeline, for inspection; only the inference thread may call it."""
+        return self._pipe
+
     def load(self) -> EngineInfo:
         if self.model_id == TINY_MODEL_ID:
             pipe = build_tiny_pipeline()

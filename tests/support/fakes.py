@@ -1,0 +1,88 @@
+"""Engines for tests: real `Engine` implementations whose behaviour the prompt chooses.
+
+The prompt picks the fault, so end-to-end tests can inject one through plain HTTP:
+- `fail...`  raises an ordinary exception (with a path in its text that must never leak);
+- `oom...`   raises an out-of-memory error the engine recognises;
+- anything else sleeps `step_seconds` per step, checking `stop_check` between steps.
+"""
+
+import threading
+import time
+
+from PIL import Image
+
+from ovis_service.engine import EngineInfo, GenerationResult, StopCheck
+from ovis_service.schemas import GenerationParams
+
+SECRET_IN_ERROR = "/srv/secret/weights.bin"
+
+
+class FakeOutOfMemory(RuntimeError):
+    pass
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        *,
+        step_seconds: float = 0.0,
+        load_seconds: float = 0.0,
+        load_error: Exception | None = None,
+        gate: threading.Event | None = None,
+        model_id: str = "fake",
+    ) -> None:
+        self.model_id = model_id
+        self.step_seconds = step_seconds
+        self.load_seconds = load_seconds
+        self.load_error = load_error
+        self.gate = gate  # when given, each generation waits for it before its first step
+        self.started: list[str] = []  # prompts, in the order generation began
+        self.completed: list[str] = []
+        self.steps_run = 0
+        self.oom_recoveries = 0
+        self.released = False
+        self.threads: set[str] = set()  # names of the threads that touched the engine
+        self.running = threading.Event()  # set while a generation is in progress
+
+    def _touch(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    def load(self) -> EngineInfo:
+        self._touch()
+        time.sleep(self.load_seconds)
+        if self.load_error is not None:
+            raise self.load_error
+        return EngineInfo(model=self.model_id, device="cpu", dtype="float32", offload="none")
+
+    def generate(self, params: GenerationParams, stop_check: StopCheck) -> GenerationResult:
+        self._touch()
+        self.started.append(params.prompt)
+        self.running.set()
+        try:
+            if self.gate is not None and not self.gate.wait(timeout=30):
+                raise TimeoutError("test gate never opened")
+            if params.prompt.startswith("fail"):
+                raise RuntimeError(f"boom while reading {SECRET_IN_ERROR}")
+            if params.prompt.startswith("oom"):
+                raise FakeOutOfMemory("CUDA out of memory. Tried to allocate 20.00 GiB")
+            for _ in range(params.num_inference_steps):
+                time.sleep(self.step_seconds)
+                self.steps_run += 1
+                stop_check()
+        finally:
+            self.running.clear()
+        self.completed.append(params.prompt)
+        shade = params.seed % 256
+        image = Image.new("RGB", (params.image_size, params.image_size), (shade, 0, 255 - shade))
+        return GenerationResult(image=image, prompt_truncated=len(params.prompt) > 1000)
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return isinstance(error, FakeOutOfMemory)
+
+    def recover_from_oom(self) -> None:
+        self._touch()
+        self.oom_recoveries += 1
+
+    def release(self) -> None:
+        self._touch()
+        self.released = True

@@ -1,0 +1,60 @@
+import pytest
+
+from ovis_service.config import DEFAULT_MODEL, Settings, SettingsError, load_settings
+
+
+def test_defaults_match_the_documented_product() -> None:
+    settings = load_settings({})
+    assert settings == Settings()
+    assert settings.model == DEFAULT_MODEL
+    assert settings.port == 4201
+    assert settings.max_prompt_chars == 2000
+    assert settings.max_steps == 100
+    assert settings.max_image_size == 2048
+    assert settings.api_keys == ()
+    assert settings.log_prompts is False
+
+
+def test_values_are_parsed_from_strings() -> None:
+    settings = load_settings(
+        {
+            "OVIS_MODEL": "tiny",
+            "OVIS_QUEUE_SIZE": "3",
+            "OVIS_REQUEST_TIMEOUT": "12.5",
+            "OVIS_LOG_PROMPTS": "true",
+            "OVIS_LOG_LEVEL": "debug",
+            "OVIS_DEVICE": "cuda:1",
+            "OVIS_API_KEY": "first, second",
+            "UNRELATED": "ignored",
+        }
+    )
+    assert settings.model == "tiny"
+    assert settings.queue_size == 3
+    assert settings.request_timeout == 12.5
+    assert settings.log_prompts is True
+    assert settings.log_level == "DEBUG"
+    assert settings.device == "cuda:1"
+    assert settings.api_keys == ("first", "second")
+
+
+def test_an_empty_variable_means_the_default() -> None:
+    assert load_settings({"OVIS_QUEUE_SIZE": "", "OVIS_API_KEY": ""}) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"OVIS_QUEUE_SIZE": "0"}, "OVIS_QUEUE_SIZE: Expected `int` >= 1"),
+        ({"OVIS_QUEUE_SIZE": "many"}, "OVIS_QUEUE_SIZE: Expected `int`, got `str`"),
+        ({"OVIS_PORT": "70000"}, "OVIS_PORT: Expected `int` <= 65535"),
+        ({"OVIS_OFFLOAD": "gpu"}, "OVIS_OFFLOAD: Invalid enum value 'gpu'"),
+        ({"OVIS_DEVICE": "tpu"}, "OVIS_DEVICE: Expected `str` matching regex"),
+        ({"OVIS_MAX_IMAGE_SIZE": "1000"}, "OVIS_MAX_IMAGE_SIZE: Expected `int` that's a multiple"),
+        ({"OVIS_DRAIN_TIMEOUT": "-1"}, "OVIS_DRAIN_TIMEOUT: Expected `float` >= 0"),
+        ({"OVIS_QEUE_SIZE": "4"}, "OVIS_QEUE_SIZE is not a known setting"),
+    ],
+)
+def test_a_bad_value_names_the_variable(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings(environ)
+    assert str(error.value).startswith(message)
