@@ -5,6 +5,7 @@ import secrets
 import time
 from typing import Any
 
+import msgspec
 import structlog
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
@@ -12,7 +13,7 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from ovis_service.auth import PUBLIC
 from ovis_service.config import Settings
-from ovis_service.errors import DeadlineExceededError, JobCancelledError
+from ovis_service.errors import BadRequestError, DeadlineExceededError, JobCancelledError
 from ovis_service.png import encode_png
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import (
@@ -21,6 +22,8 @@ from ovis_service.schemas import (
     GenerateRequestBase,
     GenerationParams,
     HealthResponse,
+    decode_generate_request,
+    describe_validation_error,
     generate_request_type,
 )
 from ovis_service.worker import InferenceWorker, Job, JobOutcome, WorkerState
@@ -83,6 +86,12 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
 
     async def generate(data: GenerateRequestBase, request: Request[Any, Any, Any]) -> Response[bytes]:
         """Generate one square image. The seed used comes back in `X-Seed`."""
+        # Litestar has already parsed `data`, but leniently ("5" passes as 5); the API promises
+        # that a wrong type is refused, so the cached raw body is decoded again, strictly.
+        try:
+            data = decode_generate_request(await request.body(), request_type)
+        except msgspec.ValidationError as exc:
+            raise BadRequestError(describe_validation_error(exc)) from None
         seed = data.seed if data.seed is not None else secrets.randbelow(MAX_SEED + 1)
         params = GenerationParams(
             prompt=data.prompt,

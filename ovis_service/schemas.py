@@ -102,6 +102,21 @@ def generate_request_type(
     )
 
 
+def describe_validation_error(error: msgspec.ValidationError) -> str:
+    """`Expected `int` >= 1 - at `$.num_inference_steps`` becomes
+    `num_inference_steps: Expected int >= 1`: the field first, then the rule."""
+    message, _, path = str(error).partition(" - at `$.")
+    message = message.replace("`", "")
+    if not path:
+        return message
+    return f"{path.rstrip('`')}: {message}"
+
+
+def decode_generate_request(body: bytes, request_type: type[GenerateRequestBase]) -> GenerateRequestBase:
+    """Strict decoding: `"seed": "5"` is a wrong type, not a number to guess at."""
+    return msgspec.json.decode(body, type=request_type)
+
+
 class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
     """One validated job, with the seed already chosen."""
 
