@@ -40,7 +40,7 @@ def _warmup_params(settings: Settings) -> GenerationParams | None:
 
 def _default_engine(settings: Settings) -> Engine:
     # Imported here so that the app module stays free of torch for tests with fake engines.
-    from ovis_service.pipeline import DiffusersEngine
+    from ovis_service.pipeline import DiffusersEngine  # noqa: PLC0415
 
     return DiffusersEngine(settings)
 
@@ -52,9 +52,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         settings = load_settings()
         configure_logging(settings.log_level)
     engine = engine if engine is not None else _default_engine(settings)
-    worker = InferenceWorker(
-        engine, capacity=settings.queue_size, warmup=_warmup_params(settings)
-    )
+    worker = InferenceWorker(engine, capacity=settings.queue_size, warmup=_warmup_params(settings))
 
     @asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
@@ -72,8 +70,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         finally:
             await asyncio.to_thread(worker.stop, settings.drain_timeout)
 
-    security_components = None
-    security = None
+    security_components: Components | None = None
+    security: list[dict[str, list[str]]] | None = None
     if settings.api_keys:
         security_components = Components(
             security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}

@@ -54,7 +54,9 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
 
 def _describe_validation(exc: ValidationException) -> tuple[int, str]:
     """Name the field and the rule, e.g. `image_size: Expected int that's a multiple of 16`."""
-    problems = [p for p in (exc.extra if isinstance(exc.extra, list) else []) if isinstance(p, dict)]
+    problems = [
+        p for p in (exc.extra if isinstance(exc.extra, list) else []) if isinstance(p, dict)
+    ]
     if not problems:
         return 400, str(exc.detail)
     parts = []

@@ -43,14 +43,11 @@ async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
             return
 
 
-async def _await_outcome(
-    job: Job, request: Request[Any, Any, Any], timeout: float
-) -> JobOutcome:
-    disconnect = asyncio.ensure_future(_wait_for_disconnect(request))
+async def _await_outcome(job: Job, request: Request[Any, Any, Any], timeout: float) -> JobOutcome:
+    disconnect: asyncio.Future[None] = asyncio.ensure_future(_wait_for_disconnect(request))
+    waiters: set[asyncio.Future[Any]] = {job.future, disconnect}
     try:
-        done, _ = await asyncio.wait(
-            {job.future, disconnect}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if job.future in done:
             return job.future.result()
         job.cancel()
@@ -78,13 +75,14 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
             401: "Missing or wrong API key (only when keys are configured).",
             413: "The body is larger than the configured limit.",
             422: "A field breaks a rule; `detail` names the field and the rule.",
-            503: "Queue full, model loading, GPU out of memory or shutting down; "
-            "see Retry-After.",
+            503: "Queue full, model loading, GPU out of memory or shutting down; see Retry-After.",
             504: "The request deadline passed.",
         }.items()
     }
 
-    async def generate(data: GenerateRequestBase, request: Request[Any, Any, Any]) -> Response[bytes]:
+    async def generate(
+        data: GenerateRequestBase, request: Request[Any, Any, Any]
+    ) -> Response[bytes]:
         """Generate one square image. The seed used comes back in `X-Seed`."""
         # Litestar has already parsed `data`, but leniently ("5" passes as 5); the API promises
         # that a wrong type is refused, so the cached raw body is decoded again, strictly.
@@ -163,7 +161,8 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
         info = snapshot.info
         body = HealthResponse(
             status="ok" if ready else snapshot.state.value,
-            model_loaded=info is not None and snapshot.state in (WorkerState.READY, WorkerState.DRAINING),
+            model_loaded=info is not None
+            and snapshot.state in (WorkerState.READY, WorkerState.DRAINING),
             queue_depth=snapshot.queue_depth,
             queue_capacity=snapshot.capacity,
             running=snapshot.running,
@@ -190,4 +189,3 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
             cache_control=None,
         )(health),
     ]
-

@@ -93,13 +93,14 @@ def generate_request_type(
             None,
         ),
     ]
-    return msgspec.defstruct(
+    request_type: type[GenerateRequestBase] = msgspec.defstruct(  # type: ignore[assignment]
         "GenerateRequest",
         fields,
         bases=(GenerateRequestBase,),
         kw_only=True,
         forbid_unknown_fields=True,
     )
+    return request_type
 
 
 def describe_validation_error(error: msgspec.ValidationError) -> str:
@@ -112,7 +113,9 @@ def describe_validation_error(error: msgspec.ValidationError) -> str:
     return f"{path.rstrip('`')}: {message}"
 
 
-def decode_generate_request(body: bytes, request_type: type[GenerateRequestBase]) -> GenerateRequestBase:
+def decode_generate_request(
+    body: bytes, request_type: type[GenerateRequestBase]
+) -> GenerateRequestBase:
     """Strict decoding: `"seed": "5"` is a wrong type, not a number to guess at."""
     return msgspec.json.decode(body, type=request_type)
 

@@ -5,6 +5,7 @@ Handlers run on the event loop; this thread never touches asyncio except through
 """
 
 import asyncio
+import contextlib
 import enum
 import math
 import queue
@@ -131,10 +132,9 @@ class InferenceWorker:
         """Drain, release the engine and join the thread. Blocking: call it off the event loop."""
         self.begin_drain(drain_timeout)
         self._stop_requested.set()
-        try:
-            self._queue.put_nowait(_STOP)  # wakes the thread at once; it also polls the flag
-        except queue.Full:
-            pass
+        # Wakes the thread at once when there is room; it also polls the flag.
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_STOP)
         thread = self._thread
         if thread is not None:
             # Past the drain deadline the loop stops the running job at its next step, so this
@@ -176,7 +176,9 @@ class InferenceWorker:
             return self._retry_after_locked()
 
     def _retry_after_locked(self) -> int:
-        mean = sum(self._recent_seconds) / len(self._recent_seconds) if self._recent_seconds else 1.0
+        mean = (
+            sum(self._recent_seconds) / len(self._recent_seconds) if self._recent_seconds else 1.0
+        )
         waiting = self._queue.qsize() + (1 if self._running_job is not None else 0)
         return max(1, math.ceil(waiting * mean))
 
@@ -319,10 +321,9 @@ class InferenceWorker:
 
     @staticmethod
     def _resolve(job: Job, outcome: JobOutcome | BaseException) -> None:
-        try:
+        # A closed event loop raises RuntimeError: nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
             job.loop.call_soon_threadsafe(_settle, job.future, outcome)
-        except RuntimeError:
-            pass  # The event loop is closed: nobody is waiting any more.
 
 
 def _settle(future: "asyncio.Future[JobOutcome]", outcome: JobOutcome | BaseException) -> None:

@@ -44,8 +44,13 @@ def test_health_reports_the_loaded_model_and_the_queue(client: httpx.Client) -> 
 def test_generate_returns_a_png_with_its_parameters(client: httpx.Client) -> None:
     response = client.post(
         "/generate",
-        json={"prompt": "a lighthouse at dusk", "negative_prompt": "blur", "seed": 42,
-              "cfg_scale": 4.5, **SMALL},
+        json={
+            "prompt": "a lighthouse at dusk",
+            "negative_prompt": "blur",
+            "seed": 42,
+            "cfg_scale": 4.5,
+            **SMALL,
+        },
         headers={"X-Request-ID": "my-request-1"},
     )
     assert response.status_code == 200
@@ -101,9 +106,21 @@ def test_a_prompt_past_the_token_limit_is_flagged(client: httpx.Client) -> None:
     ("content", "status", "detail"),
     [
         (b'{"prompt": "   "}', 422, "prompt must contain at least one non-whitespace character"),
-        (b'{"prompt": "a", "image_size": 1000}', 422, "image_size: Expected int that's a multiple of 16"),
-        (b'{"prompt": "a", "num_inference_steps": 0}', 422, "num_inference_steps: Expected int >= 1"),
-        (b'{"prompt": "a", "num_inference_steps": 101}', 422, "num_inference_steps: Expected int <= 100"),
+        (
+            b'{"prompt": "a", "image_size": 1000}',
+            422,
+            "image_size: Expected int that's a multiple of 16",
+        ),
+        (
+            b'{"prompt": "a", "num_inference_steps": 0}',
+            422,
+            "num_inference_steps: Expected int >= 1",
+        ),
+        (
+            b'{"prompt": "a", "num_inference_steps": 101}',
+            422,
+            "num_inference_steps: Expected int <= 100",
+        ),
         (b'{"prompt": "a", "cfg_scale": 21}', 422, "cfg_scale: Expected float <= 20.0"),
         (b'{"prompt": "a", "seed": -5}', 422, "seed: Expected int >= 0"),
         (b'{"prompt": "a", "seed": "5"}', 422, "seed: Expected int | null, got str"),

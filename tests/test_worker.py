@@ -13,7 +13,6 @@ from structlog.testing import capture_logs
 from ovis_service.errors import (
     DeadlineExceededError,
     GenerationFailedError,
-    JobCancelledError,
     NotReadyError,
     OverloadedError,
     ShuttingDownError,
@@ -188,8 +187,12 @@ def test_a_cancelled_queued_job_never_reaches_the_engine(caplog: pytest.LogCaptu
     assert engine.started == ["first", "after"]
     skipped = [log for log in logs if log["event"] == "job_skipped"]
     assert skipped == [
-        {"event": "job_skipped", "reason": "client_disconnected", "log_level": "info",
-         "request_id": "abandoned"}
+        {
+            "event": "job_skipped",
+            "reason": "client_disconnected",
+            "log_level": "info",
+            "request_id": "abandoned",
+        }
     ]
 
 
@@ -211,7 +214,9 @@ def test_a_cancelled_running_job_stops_at_the_next_step(
     assert engine.steps_run < 10_000
 
 
-def test_a_job_past_its_deadline_is_never_started(worker: InferenceWorker, engine: FakeEngine) -> None:
+def test_a_job_past_its_deadline_is_never_started(
+    worker: InferenceWorker, engine: FakeEngine
+) -> None:
     async def scenario() -> None:
         expired = make_job("expired", deadline_in=-1)
         worker.submit(expired)

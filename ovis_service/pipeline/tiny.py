@@ -110,11 +110,10 @@ def build_tiny_pipeline() -> OvisImagePipeline:
         shift_factor=0.0609,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
-    pipeline = OvisImagePipeline(
+    return OvisImagePipeline(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
     )
-    return pipeline

@@ -17,7 +17,7 @@ from ovis_service.schemas import GenerationParams
 SECRET_IN_ERROR = "/srv/secret/weights.bin"
 
 
-class FakeOutOfMemory(RuntimeError):
+class FakeOutOfMemoryError(RuntimeError):
     pass
 
 
@@ -64,7 +64,7 @@ class FakeEngine:
             if params.prompt.startswith("fail"):
                 raise RuntimeError(f"boom while reading {SECRET_IN_ERROR}")
             if params.prompt.startswith("oom"):
-                raise FakeOutOfMemory("CUDA out of memory. Tried to allocate 20.00 GiB")
+                raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
             for _ in range(params.num_inference_steps):
                 time.sleep(self.step_seconds)
                 self.steps_run += 1
@@ -77,7 +77,7 @@ class FakeEngine:
         return GenerationResult(image=image, prompt_truncated=len(params.prompt) > 1000)
 
     def is_out_of_memory(self, error: BaseException) -> bool:
-        return isinstance(error, FakeOutOfMemory)
+        return isinstance(error, FakeOutOfMemoryError)
 
     def recover_from_oom(self) -> None:
         self._touch()

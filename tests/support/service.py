@@ -81,9 +81,7 @@ def run_service(
     ready_timeout: float = 120.0,
 ) -> Iterator[ServiceProcess]:
     port = free_port()
-    full_env = {
-        key: value for key, value in os.environ.items() if not key.startswith("OVIS_")
-    }
+    full_env = {key: value for key, value in os.environ.items() if not key.startswith("OVIS_")}
     full_env.update(
         {
             "OVIS_MODEL": "tiny",

@@ -1,0 +1,81 @@
+"""The real app and server around an engine with injectable faults, for the reliability suite:
+`python -m tests.reliability.fault_service`.
+
+Faults enter only through the `Engine` seam, chosen by the prompt, so a test injects them with a
+plain HTTP request:
+
+- `fail...`   the pipeline raises an ordinary exception (its text holds an internal path);
+- `oom...`    the pipeline raises an out-of-memory error that the engine recognises; recovery works;
+- `poison...` the pipeline runs out of memory and the recovery itself fails, as `empty_cache()`
+              does once an illegal memory access has poisoned the CUDA context. Nothing in the
+              process can touch the GPU again, so the inference thread dies;
+- anything else takes `FAKE_STEP_SECONDS` per step and checks `stop_check` between steps.
+
+The engine writes one log line when a generation starts and one when it ends, with the step it
+reached, so that a test can prove from the outside that cancelled work was never done.
+"""
+
+import os
+
+import structlog
+
+from ovis_service.app import create_app
+from ovis_service.cli import run_server
+from ovis_service.config import load_settings
+from ovis_service.engine import GenerationResult, StopCheck
+from ovis_service.errors import ServiceError
+from ovis_service.logs import configure_logging
+from ovis_service.schemas import GenerationParams
+from tests.support.fakes import FakeEngine, FakeOutOfMemory
+
+logger = structlog.get_logger("fault_engine")
+
+CUDA_POISONED = "CUDA error: an illegal memory access was encountered"
+
+
+class FaultEngine(FakeEngine):
+    def __init__(self, *, step_seconds: float) -> None:
+        super().__init__(step_seconds=step_seconds)
+        self._poisoned = False
+
+    def generate(self, params: GenerationParams, stop_check: StopCheck) -> GenerationResult:
+        # The prompt of a test request is a label such as `queued-2`; this is a test engine, so
+        # logging it is fine (the service itself does not log prompts by default).
+        label = params.prompt
+        steps_before = self.steps_run
+        logger.info("engine_started", label=label, steps=params.num_inference_steps)
+        if label.startswith("poison"):
+            self._poisoned = True
+            raise FakeOutOfMemory("CUDA out of memory. Tried to allocate 20.00 GiB")
+        try:
+            result = super().generate(params, stop_check)
+        except ServiceError as exc:
+            logger.info(
+                "engine_stopped",
+                label=label,
+                steps_done=self.steps_run - steps_before,
+                reason=type(exc).__name__,
+            )
+            raise
+        except Exception:
+            logger.info("engine_raised", label=label)
+            raise
+        logger.info("engine_finished", label=label, steps_done=self.steps_run - steps_before)
+        return result
+
+    def recover_from_oom(self) -> None:
+        if self._poisoned:
+            raise RuntimeError(CUDA_POISONED)
+        super().recover_from_oom()
+
+
+def main() -> int:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    engine = FaultEngine(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0.01")))
+    app = create_app(settings, engine=engine)
+    return run_server(app, settings, host=settings.host, port=settings.port)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
