@@ -10,6 +10,7 @@ import structlog
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import JSONBody
 
 from ovis_service.auth import PUBLIC
 from ovis_service.config import Settings
@@ -99,17 +100,18 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
             image_size=data.image_size,
             seed=seed,
         )
-        structlog.contextvars.bind_contextvars(
-            seed=seed,
-            image_size=params.image_size,
-            steps=params.num_inference_steps,
-            cfg_scale=params.cfg_scale,
-            prompt_chars=len(params.prompt),
-        )
+        request_fields: dict[str, object] = {
+            "request_id": current_request_id(),
+            "seed": seed,
+            "image_size": params.image_size,
+            "steps": params.num_inference_steps,
+            "cfg_scale": params.cfg_scale,
+            "prompt_chars": len(params.prompt),
+        }
         if settings.log_prompts:
-            structlog.contextvars.bind_contextvars(
-                prompt=params.prompt, negative_prompt=params.negative_prompt
-            )
+            request_fields.update(prompt=params.prompt, negative_prompt=params.negative_prompt)
+        # Bound for the error handler's line too, should this request fail further on.
+        structlog.contextvars.bind_contextvars(**request_fields)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         job = Job(
@@ -136,6 +138,7 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
             generation_s=round(outcome.generation_seconds, 4),
             encode_s=round(encode_seconds, 4),
             prompt_truncated=outcome.result.prompt_truncated,
+            **request_fields,
         )
         return Response(
             png,
@@ -152,7 +155,7 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
         )
 
     # The annotation carries the configured limits into validation and the OpenAPI schema.
-    generate.__annotations__["data"] = request_type
+    generate.__annotations__["data"] = JSONBody[request_type]  # type: ignore[valid-type]
 
     async def health() -> Response[HealthResponse]:
         """Ready (200) only when the model is loaded and the inference thread is alive."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 from tests.support.service import ServiceProcess, run_service
 
@@ -62,7 +63,7 @@ def test_generate_returns_a_png_with_its_parameters(client: httpx.Client) -> Non
     assert "queue;dur=" in timing
     assert "generate;dur=" in timing
     image = Image.open(io.BytesIO(response.content))
-    assert image.format == "PNG"
+    assert isinstance(image, PngImageFile)
     assert image.size == (256, 256)
     assert image.text == {
         "prompt": "a lighthouse at dusk",
@@ -92,7 +93,9 @@ def test_a_server_picked_seed_reproduces_the_image(client: httpx.Client) -> None
     seed = int(first.headers["x-seed"])
     again = client.post("/generate", json={**body, "seed": seed})
     assert again.content == first.content
-    assert Image.open(io.BytesIO(first.content)).text["seed"] == str(seed)
+    image = Image.open(io.BytesIO(first.content))
+    assert isinstance(image, PngImageFile)
+    assert image.text["seed"] == str(seed)
 
 
 def test_a_prompt_past_the_token_limit_is_flagged(client: httpx.Client) -> None:
