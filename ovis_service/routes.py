@@ -155,7 +155,7 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
         )
 
     # The annotation carries the configured limits into validation and the OpenAPI schema.
-    generate.__annotations__["data"] = JSONBody[request_type]  # type: ignore[valid-type]
+    generate.__annotations__["data"] = JSONBody[request_type]  # type: ignore[valid-type,misc]
 
     async def health() -> Response[HealthResponse]:
         """Ready (200) only when the model is loaded and the inference thread is alive."""
