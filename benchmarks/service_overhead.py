@@ -1,6 +1,6 @@
 """What the service adds on top of the pipeline: direct calls vs HTTP, side by side in one run.
 
-    uv run python benchmarks/service_overhead.py [--model tiny] [--rounds 10]
+    uv run python -m benchmarks.service_overhead [--model tiny] [--rounds 10]
 
 Both columns use the same engine class and the same parameters; the HTTP column runs the real
 `ovis-service` process (uvicorn, queue, inference thread, PNG encoding off-thread). The ratio
@@ -11,20 +11,17 @@ measure the real architecture.
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ovis_service.config import Settings  # noqa: E402
-from ovis_service.pipeline import DiffusersEngine  # noqa: E402
-from ovis_service.png import encode_png  # noqa: E402
-from ovis_service.schemas import GenerationParams  # noqa: E402
-from tests.support.service import run_service  # noqa: E402
+from ovis_service.config import Settings
+from ovis_service.pipeline import DiffusersEngine
+from ovis_service.png import encode_png
+from ovis_service.schemas import GenerationParams
+from tests.support.service import run_service
 
 CASES = [(256, 2), (512, 4), (1024, 2)]
 
@@ -50,8 +47,12 @@ def direct_seconds(engine: DiffusersEngine, size: int, steps: int, rounds: int) 
 def http_seconds(client: httpx.Client, size: int, steps: int, rounds: int) -> list[float]:
     timings = []
     for seed in range(rounds):
-        body = {"prompt": "a red fox in the snow", "num_inference_steps": steps,
-                "image_size": size, "seed": seed}
+        body = {
+            "prompt": "a red fox in the snow",
+            "num_inference_steps": steps,
+            "image_size": size,
+            "seed": seed,
+        }
         started = time.perf_counter()
         response = client.post("/generate", json=body)
         timings.append(time.perf_counter() - started)
@@ -72,16 +73,19 @@ def main() -> None:
     direct_seconds(engine, 256, 2, 2)  # warm-up
 
     env = {"OVIS_MODEL": args.model, "OVIS_DEVICE": args.device}
-    with tempfile.TemporaryDirectory() as tmp, run_service(Path(tmp), env=env) as service:
-        with service.client(timeout=600) as client:
-            http_seconds(client, 256, 2, 2)  # warm-up
-            print(f"model={args.model} rounds={args.rounds} (median seconds per image)")
-            print(f"{'size':>6} {'steps':>5} {'direct':>9} {'http':>9} {'http/direct':>12}")
-            # Interleave the two columns per case so that machine noise hits both alike.
-            for size, steps in CASES:
-                direct = statistics.median(direct_seconds(engine, size, steps, args.rounds))
-                http = statistics.median(http_seconds(client, size, steps, args.rounds))
-                print(f"{size:>6} {steps:>5} {direct:>9.4f} {http:>9.4f} {http / direct:>12.3f}")
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        run_service(Path(tmp), env=env) as service,
+        service.client(timeout=600) as client,
+    ):
+        http_seconds(client, 256, 2, 2)  # warm-up
+        print(f"model={args.model} rounds={args.rounds} (median seconds per image)")
+        print(f"{'size':>6} {'steps':>5} {'direct':>9} {'http':>9} {'http/direct':>12}")
+        # Interleave the two columns per case so that machine noise hits both alike.
+        for size, steps in CASES:
+            direct = statistics.median(direct_seconds(engine, size, steps, args.rounds))
+            http = statistics.median(http_seconds(client, size, steps, args.rounds))
+            print(f"{size:>6} {steps:>5} {direct:>9.4f} {http:>9.4f} {http / direct:>12.3f}")
     engine.release()
 
 
