@@ -6,6 +6,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from structlog.testing import capture_logs
@@ -57,6 +58,20 @@ def wait_ready(worker: InferenceWorker) -> None:
         time.sleep(0.005)
 
 
+@contextmanager
+def running_worker(engine: FakeEngine, capacity: int) -> Iterator[InferenceWorker]:
+    """A started, ready worker; stopped afterwards with any test gate opened."""
+    worker = InferenceWorker(engine, capacity=capacity)
+    worker.start()
+    wait_ready(worker)
+    try:
+        yield worker
+    finally:
+        if engine.gate is not None:
+            engine.gate.set()
+        worker.stop(drain_timeout=0)
+
+
 @pytest.fixture
 def engine() -> FakeEngine:
     return FakeEngine(step_seconds=0.001)
@@ -64,11 +79,8 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 def worker(engine: FakeEngine) -> Iterator[InferenceWorker]:
-    worker = InferenceWorker(engine, capacity=2)
-    worker.start()
-    wait_ready(worker)
-    yield worker
-    worker.stop(drain_timeout=0)
+    with running_worker(engine, capacity=2) as worker:
+        yield worker
 
 
 async def outcome(job: Job) -> JobOutcome:
@@ -93,78 +105,63 @@ def test_jobs_run_in_submission_order_on_the_inference_thread_only(
 def test_a_full_queue_is_refused_at_once_with_retry_after() -> None:
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
-    worker = InferenceWorker(engine, capacity=2)
-    worker.start()
-    wait_ready(worker)
+    with running_worker(engine, capacity=2) as worker:
 
-    async def scenario() -> None:
-        running = make_job("running")
-        worker.submit(running)
-        assert engine.running.wait(WAIT)
-        queued = [make_job(f"queued-{i}") for i in range(2)]
-        for job in queued:
-            worker.submit(job)
-        started = time.monotonic()
-        with pytest.raises(OverloadedError) as refused:
-            worker.submit(make_job("one too many"))
-        assert time.monotonic() - started < 0.5
-        assert refused.value.status_code == 503
-        assert refused.value.retry_after is not None
-        assert refused.value.retry_after >= 1
-        assert worker.snapshot().queue_depth == 2
-        assert worker.snapshot().running == 1
-        gate.set()
-        for job in [running, *queued]:
-            await outcome(job)
+        async def scenario() -> None:
+            running = make_job("running")
+            worker.submit(running)
+            assert engine.running.wait(WAIT)
+            queued = [make_job(f"queued-{i}") for i in range(2)]
+            for job in queued:
+                worker.submit(job)
+            started = time.monotonic()
+            with pytest.raises(OverloadedError) as refused:
+                worker.submit(make_job("one too many"))
+            assert time.monotonic() - started < 0.5
+            assert refused.value.status_code == 503
+            assert refused.value.retry_after is not None
+            assert refused.value.retry_after >= 1
+            assert worker.snapshot().queue_depth == 2
+            assert worker.snapshot().running == 1
+            gate.set()
+            for job in [running, *queued]:
+                await outcome(job)
 
-    try:
         asyncio.run(scenario())
-    finally:
-        gate.set()
-        worker.stop(drain_timeout=0)
     assert "one too many" not in engine.started
 
 
 def test_retry_after_is_the_work_ahead_times_the_recent_generation_time() -> None:
     gate = threading.Event()
     engine = FakeEngine(step_seconds=0.05)
-    worker = InferenceWorker(engine, capacity=4)
-    worker.start()
-    wait_ready(worker)
+    with running_worker(engine, capacity=4) as worker:
 
-    async def scenario() -> None:
-        assert worker.retry_after() == 1  # nothing waiting: the floor
-        # Two 10-step jobs teach the worker that a job takes about 0.5 s.
-        for prompt in ("a", "b"):
-            job = make_job(prompt, steps=10)
-            worker.submit(job)
-            await outcome(job)
-        engine.gate = gate
-        jobs = [make_job(f"q{i}", steps=1) for i in range(4)]
-        for job in jobs:
-            worker.submit(job)
-        assert await asyncio.to_thread(engine.running.wait, WAIT)
-        # 1 running + 3 queued at ~0.5 s each is ~2 s, rounded up.
-        assert 2 <= worker.retry_after() <= 4
-        gate.set()
-        for job in jobs:
-            await outcome(job)
+        async def scenario() -> None:
+            assert worker.retry_after() == 1  # nothing waiting: the floor
+            # Two 10-step jobs teach the worker that a job takes about 0.5 s.
+            for prompt in ("a", "b"):
+                job = make_job(prompt, steps=10)
+                worker.submit(job)
+                await outcome(job)
+            engine.gate = gate
+            jobs = [make_job(f"q{i}", steps=1) for i in range(4)]
+            for job in jobs:
+                worker.submit(job)
+            assert await asyncio.to_thread(engine.running.wait, WAIT)
+            # 1 running + 3 queued at ~0.5 s each is ~2 s, rounded up.
+            assert 2 <= worker.retry_after() <= 4
+            gate.set()
+            for job in jobs:
+                await outcome(job)
 
-    try:
         asyncio.run(scenario())
-    finally:
-        gate.set()
-        worker.stop(drain_timeout=0)
 
 
-def test_a_cancelled_queued_job_never_reaches_the_engine(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_cancelled_queued_job_never_reaches_the_engine() -> None:
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
-    worker = InferenceWorker(engine, capacity=2)
-    worker.start()
-    wait_ready(worker)
 
-    async def scenario() -> None:
+    async def scenario(worker: InferenceWorker) -> None:
         first = make_job("first")
         worker.submit(first)
         assert engine.running.wait(WAIT)
@@ -178,12 +175,8 @@ def test_a_cancelled_queued_job_never_reaches_the_engine(caplog: pytest.LogCaptu
         worker.submit(after)
         await outcome(after)
 
-    with capture_logs() as logs:
-        try:
-            asyncio.run(scenario())
-        finally:
-            gate.set()
-            worker.stop(drain_timeout=0)
+    with capture_logs() as logs, running_worker(engine, capacity=2) as worker:
+        asyncio.run(scenario(worker))
     assert engine.started == ["first", "after"]
     skipped = [log for log in logs if log["event"] == "job_skipped"]
     assert skipped == [
@@ -378,21 +371,17 @@ class _BrokenRecoveryEngine(FakeEngine):
 
 def test_a_dead_inference_thread_shows_in_the_snapshot_and_fails_waiting_jobs() -> None:
     engine = _BrokenRecoveryEngine()
-    worker = InferenceWorker(engine, capacity=2)
-    worker.start()
-    wait_ready(worker)
 
-    async def scenario() -> None:
+    async def scenario(worker: InferenceWorker) -> None:
         fatal = make_job("oom that kills")
         worker.submit(fatal)
         with pytest.raises(NotReadyError):
             await outcome(fatal)
 
-    with capture_logs() as logs:
-        asyncio.run(scenario())
-    assert worker.snapshot().state is WorkerState.DEAD
+    with capture_logs() as logs, running_worker(engine, capacity=2) as worker:
+        asyncio.run(scenario(worker))
+        assert worker.snapshot().state is WorkerState.DEAD
     assert any(log["event"] == "inference_thread_died" for log in logs)
-    worker.stop(drain_timeout=0)
 
 
 def test_start_and_stop_are_idempotent(engine: FakeEngine) -> None:
