@@ -3,6 +3,7 @@
 import argparse
 import signal
 import sys
+from pathlib import Path
 from types import FrameType
 
 import structlog
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             port=port,
             workers=None if args.reload else workers,
             reload=args.reload,
+            # Watch the package only, not the multi-gigabyte virtual environment beside it.
+            reload_dirs=[str(Path(__file__).resolve().parent)] if args.reload else None,
             log_config=None,
         )
         return 0

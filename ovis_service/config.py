@@ -53,7 +53,8 @@ _ALIASES = {"API_KEY": "api_keys", "API_KEYS": "api_keys"}
 _FIELDS = set(Settings.__struct_fields__)
 
 
-def _env_name(field: str) -> str:
+def env_name(field: str) -> str:
+    """The variable that sets `field`, e.g. `queue_size` -> `OVIS_QUEUE_SIZE`."""
     if field == "api_keys":
         return "OVIS_API_KEY"
     return ENV_PREFIX + field.upper()
@@ -95,4 +96,4 @@ def _explain(message: str) -> str:
     if not path:
         return message
     field = path.rstrip("`").split("[")[0]
-    return f"{_env_name(field)}: {text}"
+    return f"{env_name(field)}: {text}"
