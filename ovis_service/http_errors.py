@@ -34,6 +34,14 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     elif isinstance(exc, HTTPException):
         status, detail = exc.status_code, exc.detail
         headers.update(exc.headers or {})
+    elif isinstance(exc, RecursionError):
+        # Litestar first parses the body without a type, one recursion per nesting level, so a
+        # small body of `[[[[...` ends here: the client's mistake, not a server error.
+        status, detail = 400, "the JSON is nested too deeply"
+    elif isinstance(exc, UnicodeDecodeError):
+        # msgspec raises this, not a DecodeError, for a string that is not UTF-8, and Litestar
+        # lets it through.
+        status, detail = 400, "the body is not valid UTF-8"
     else:
         # The traceback goes to the log only; the client gets the id to quote in a bug report.
         logger.exception("unhandled_error", path=request.url.path)

@@ -3,14 +3,15 @@
 import asyncio
 import secrets
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import structlog
 from litestar import Request, Response, get, post
+from litestar.enums import RequestEncodingType
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import JSONBody
+from litestar.params import Body
 
 from ovis_service.auth import PUBLIC
 from ovis_service.config import Settings
@@ -155,7 +156,11 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
         )
 
     # The annotation carries the configured limits into validation and the OpenAPI schema.
-    generate.__annotations__["data"] = JSONBody[request_type]  # type: ignore[valid-type,misc]
+    generate.__annotations__["data"] = Annotated[
+        request_type,
+        # Unknown fields are refused (forbid_unknown_fields); the schema says so too.
+        Body(media_type=RequestEncodingType.JSON, schema_extra={"additionalProperties": False}),
+    ]
 
     async def health() -> Response[HealthResponse]:
         """Ready (200) only when the model is loaded and the inference thread is alive."""

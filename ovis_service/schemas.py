@@ -9,6 +9,11 @@ MAX_SEED = 2**63 - 1  # what both torch generators and msgspec integer bounds ac
 MIN_IMAGE_SIZE = 256
 IMAGE_SIZE_STEP = 16
 MAX_CFG_SCALE = 20.0
+DEFAULT_STEPS = 50
+DEFAULT_IMAGE_SIZE = 1024
+# One character that `str.strip()` keeps. The whitespace is spelled out because `\s` means less
+# in a JSON Schema (ECMA) regex than in Python's: it lacks U+001C-U+001F and U+0085.
+NOT_BLANK_PATTERN = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
 
 class GenerateRequestBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -38,6 +43,8 @@ def generate_request_type(
             min_length=1,
             max_length=max_prompt_chars,
             description="What to draw. Must not be blank.",
+            # Schema only (Litestar's `extra` key); __post_init__ gives the clearer message.
+            extra_json_schema={"extra": {"pattern": NOT_BLANK_PATTERN}},
         ),
     ]
     negative_text = Annotated[
@@ -50,7 +57,8 @@ def generate_request_type(
         (
             "num_inference_steps",
             Annotated[int, msgspec.Meta(ge=1, le=max_steps, description="Denoising steps.")],
-            50,
+            # A default above the configured limit would let an omitted field bypass it.
+            min(DEFAULT_STEPS, max_steps),
         ),
         (
             "cfg_scale",
@@ -76,7 +84,7 @@ def generate_request_type(
                     description="Width and height of the square image, in pixels.",
                 ),
             ],
-            1024,
+            min(DEFAULT_IMAGE_SIZE, max_image_size),
         ),
         (
             "seed",
@@ -87,6 +95,8 @@ def generate_request_type(
                     le=MAX_SEED,
                     description="Noise seed. Omit it and the server picks one; "
                     "the X-Seed response header always says which.",
+                    # Litestar drops a bound of 0 on an optional field (it tests truthiness).
+                    extra_json_schema={"extra": {"minimum": 0}},
                 ),
             ]
             | None,

@@ -2,10 +2,10 @@
 
 import os
 import sys
-from collections.abc import Iterator
+import time
 from pathlib import Path
+from typing import Any
 
-import httpx
 import pytest
 
 from tests.reliability.figures import BOOK, REPORT_ENV, FigureBook
@@ -42,6 +42,23 @@ def assert_still_serving(service: ServiceProcess, body: dict[str, object]) -> No
     assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
 
 
-@pytest.fixture
-def http() -> Iterator[type[httpx.Client]]:
-    yield httpx.Client
+def log_lines(service: ServiceProcess, event: str, **fields: object) -> list[dict[str, Any]]:
+    """The service's JSON log lines for `event` whose fields match."""
+    return [
+        line
+        for line in service.logs()
+        if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())
+    ]
+
+
+def wait_for_log(
+    service: ServiceProcess, event: str, timeout: float = 30.0, **fields: object
+) -> dict[str, Any]:
+    """Poll the log until a matching line appears; fail with the log's tail if none does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = log_lines(service, event, **fields)
+        if found:
+            return found[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no {event} {fields} in {timeout}s:\n{service.raw_log()[-3000:]}")

@@ -9,6 +9,8 @@ plain HTTP request:
 - `poison...` the pipeline runs out of memory and the recovery itself fails, as `empty_cache()`
               does once an illegal memory access has poisoned the CUDA context. Nothing in the
               process can touch the GPU again, so the inference thread dies;
+- `stall...`  first spends `FAKE_STALL_SECONDS` in one step that cannot be interrupted (as a VAE
+              decode cannot), then goes on like any other prompt;
 - anything else takes `FAKE_STEP_SECONDS` per step and checks `stop_check` between steps.
 
 The engine writes one log line when a generation starts and one when it ends, with the step it
@@ -16,6 +18,7 @@ reached, so that a test can prove from the outside that cancelled work was never
 """
 
 import os
+import time
 
 import structlog
 
@@ -26,7 +29,7 @@ from ovis_service.engine import GenerationResult, StopCheck
 from ovis_service.errors import ServiceError
 from ovis_service.logs import configure_logging
 from ovis_service.schemas import GenerationParams
-from tests.support.fakes import FakeEngine, FakeOutOfMemory
+from tests.support.fakes import FakeEngine, FakeOutOfMemoryError
 
 logger = structlog.get_logger("fault_engine")
 
@@ -34,8 +37,9 @@ CUDA_POISONED = "CUDA error: an illegal memory access was encountered"
 
 
 class FaultEngine(FakeEngine):
-    def __init__(self, *, step_seconds: float) -> None:
+    def __init__(self, *, step_seconds: float, stall_seconds: float) -> None:
         super().__init__(step_seconds=step_seconds)
+        self.stall_seconds = stall_seconds
         self._poisoned = False
 
     def generate(self, params: GenerationParams, stop_check: StopCheck) -> GenerationResult:
@@ -46,8 +50,10 @@ class FaultEngine(FakeEngine):
         logger.info("engine_started", label=label, steps=params.num_inference_steps)
         if label.startswith("poison"):
             self._poisoned = True
-            raise FakeOutOfMemory("CUDA out of memory. Tried to allocate 20.00 GiB")
+            raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         try:
+            if label.startswith("stall"):
+                time.sleep(self.stall_seconds)
             result = super().generate(params, stop_check)
         except ServiceError as exc:
             logger.info(
@@ -72,7 +78,10 @@ class FaultEngine(FakeEngine):
 def main() -> int:
     settings = load_settings()
     configure_logging(settings.log_level)
-    engine = FaultEngine(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0.01")))
+    engine = FaultEngine(
+        step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0.01")),
+        stall_seconds=float(os.environ.get("FAKE_STALL_SECONDS", "1.0")),
+    )
     app = create_app(settings, engine=engine)
     return run_server(app, settings, host=settings.host, port=settings.port)
 

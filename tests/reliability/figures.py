@@ -6,10 +6,13 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 REPORT_ENV = "RELIABILITY_REPORT"
 
@@ -43,11 +46,49 @@ class FigureBook:
         mine = {(f.section, f.name) for f in self.figures}
         kept = [f for f in existing if (f["section"], f["name"]) not in mine]
         report = {
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "written_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": machine(),
             "figures": kept + [asdict(f) for f in self.figures],
         }
         path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = ", ".join(
+        f"{name} {_version(name)}" for name in ("torch", "diffusers", "litestar", "uvicorn")
+    )
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, {versions}"
+    )
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as the Markdown table that docs/reliability.md holds."""
+    lines = [
+        f"Measured {report['written_at']} on {report['machine']}.",
+        "",
+        "| Section | Figure | Value |",
+        "|---|---|---|",
+    ]
+    for figure in sorted(report["figures"], key=lambda f: f["section"]):
+        value = figure["value"].replace("|", "/")
+        lines.append(f"| {figure['section']} | {figure['name']} | {value} |")
+    return "\n".join(lines)
 
 
 BOOK = FigureBook()
@@ -68,3 +109,8 @@ def ms(seconds: float) -> str:
 
 def latency_summary(values: Sequence[float]) -> str:
     return f"p50 {ms(percentile(values, 50))}, p99 {ms(percentile(values, 99))}, n={len(values)}"
+
+
+if __name__ == "__main__":
+    # python -m tests.reliability.figures REPORT.json: print the report as Markdown.
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))

@@ -1,24 +1,36 @@
 """Section 1, bad input: schemathesis against the service's own OpenAPI schema, then hand-made
 requests that no schema describes. The tiny real pipeline answers the valid ones."""
 
+import json
+import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from litestar.serialization import encode_json
 from schemathesis import GenerationMode
 
+from ovis_service.app import create_app
+from ovis_service.config import load_settings
+from tests.reliability import rawhttp
+from tests.reliability.conftest import assert_still_serving
 from tests.reliability.figures import FigureBook
+from tests.support.fakes import FakeEngine
 from tests.support.service import ServiceProcess, run_service
 
 # Small limits keep each valid request cheap (a 256-320 px image in 1-2 steps), so the run
 # spends its time on many requests rather than on a few large images.
 FUZZ_ENV = {"OVIS_MAX_STEPS": "2", "OVIS_MAX_IMAGE_SIZE": "320", "OVIS_QUEUE_SIZE": "2"}
-EXAMPLES_PER_MODE = 150
+EXAMPLES_PER_MODE = 300
 MIN_REQUESTS = 300
+INTEGER_FIELDS = ("num_inference_steps", "image_size", "seed")
 
 TALLY: Counter[str] = Counter()
+WHOLE_FLOATS_REFUSED: list[str] = []
+FUZZ_SECONDS: list[float] = []
 
 
 @pytest.fixture(scope="module")
@@ -27,29 +39,69 @@ def fuzz_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePr
         yield service
 
 
-@pytest.fixture(scope="module")
-def api_schema(fuzz_service: ServiceProcess) -> schemathesis.BaseSchema:
-    schema = schemathesis.openapi.from_url(f"{fuzz_service.base_url}/schema/openapi.json")
-    schema.config.generation.update(
-        modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
-        max_examples=EXAMPLES_PER_MODE,
+def _openapi_document() -> dict[str, Any]:
+    """The document the fuzzed service serves: same code, same settings. It is built here
+    because schemathesis makes its tests at collection time, before the service runs; the
+    first test below proves that the running service serves this very document."""
+    app = create_app(load_settings({"OVIS_MODEL": "tiny", **FUZZ_ENV}), engine=FakeEngine())
+    # A JSON round trip turns the example structs inside into plain data.
+    document: dict[str, Any] = json.loads(encode_json(app.openapi_schema.to_schema()))
+    return document
+
+
+def _without_examples(node: object) -> object:
+    # Litestar fills `examples` with random strings, different in each process.
+    if isinstance(node, dict):
+        return {k: _without_examples(v) for k, v in node.items() if k != "examples"}
+    if isinstance(node, list):
+        return [_without_examples(item) for item in node]
+    return node
+
+
+DOCUMENT = _openapi_document()
+SCHEMA = schemathesis.openapi.from_dict(DOCUMENT)
+SCHEMA.config.generation.update(
+    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=EXAMPLES_PER_MODE
+)
+
+
+def test_the_fuzzed_schema_is_the_one_the_service_serves(fuzz_service: ServiceProcess) -> None:
+    with fuzz_service.client() as client:
+        served = client.get("/schema/openapi.json").json()
+    assert _without_examples(served) == _without_examples(DOCUMENT)
+
+
+def _is_refused_whole_float(case: schemathesis.Case[Any], response: schemathesis.Response) -> bool:
+    """`"image_size": 288.0` is an integer in JSON Schema, and schemathesis sends such values on
+    purpose; the service decodes strictly and refuses them with a 422 that names the rule. That
+    is a documented decision (see docs/reliability.md), so only that exact refusal is let
+    through, and it is counted in the figures."""
+    body = case.body if isinstance(case.body, dict) else {}
+    whole = [k for k in INTEGER_FIELDS if isinstance(body.get(k), float)]
+    if not whole or response.status_code != 422:
+        return False
+    detail = json.loads(response.content)["detail"]
+    return any(detail == f"{name}: Expected int, got float" for name in whole) or any(
+        detail == f"{name}: Expected int | null, got float" for name in whole
     )
-    return schema
 
 
-fuzzed = schemathesis.pytest.from_fixture("api_schema")
-
-
-@fuzzed.parametrize()
+@SCHEMA.parametrize()
 @settings(database=None, deadline=None, suppress_health_check=list(HealthCheck))
 def test_generated_requests_get_no_server_error_and_match_the_schema(
-    case: schemathesis.Case,
+    case: schemathesis.Case[Any], fuzz_service: ServiceProcess
 ) -> None:
-    response = case.call(timeout=60)
-    TALLY[f"{case.method} {case.path} {response.status_code}"] += 1
-    # Every built-in check: no 5xx, status code, content type, headers and body as documented,
-    # valid data accepted and invalid data refused.
-    case.validate_response(response)
+    started = time.perf_counter()
+    response = case.call(base_url=fuzz_service.base_url, timeout=60)
+    FUZZ_SECONDS.append(time.perf_counter() - started)
+    TALLY[f"{response.status_code}"] += 1
+    excluded = []
+    if _is_refused_whole_float(case, response):
+        WHOLE_FLOATS_REFUSED.append(str(case.body))
+        excluded.append(schemathesis.checks.positive_data_acceptance)
+    # Every other built-in check runs: no 5xx, status code, content type, headers and body as
+    # documented, valid data accepted, invalid data refused, undeclared methods refused.
+    case.validate_response(response, excluded_checks=excluded)
 
 
 def test_the_fuzz_run_was_large_enough(figures: FigureBook, fuzz_service: ServiceProcess) -> None:
@@ -57,7 +109,151 @@ def test_the_fuzz_run_was_large_enough(figures: FigureBook, fuzz_service: Servic
     if total == 0:
         pytest.skip("the schemathesis test did not run in this session")
     assert total >= MIN_REQUESTS, TALLY
-    server_errors = {key: count for key, count in TALLY.items() if key.endswith(tuple("5"))}
-    figures.add("1 bad input", "schemathesis requests", total)
+    assert TALLY["200"] >= 50, "too few valid requests reached the pipeline"
+    server_errors = sum(count for status, count in TALLY.items() if status.startswith("5"))
+    assert server_errors == 0, TALLY
+    logs = fuzz_service.logs()
+    assert not [line for line in logs if line.get("level") in {"error", "critical"}]
+    figures.add("1 bad input", "schemathesis requests (tiny model)", total)
     figures.add("1 bad input", "responses by status", dict(sorted(TALLY.items())))
-    figures.add("1 bad input", "5xx responses", sum(server_errors.values()))
+    figures.add("1 bad input", "5xx responses / schema violations", f"{server_errors} / 0")
+    figures.add("1 bad input", "whole floats refused (422, by design)", len(WHOLE_FLOATS_REFUSED))
+
+
+# -- hand-written cases --------------------------------------------------------------------------
+
+JSON = "application/json"
+DEEP_ARRAY = b'{"prompt":' + b"[" * 5000 + b"]" * 5000 + b"}"
+DEEP_OBJECT = b'{"a":' * 5000 + b"1" + b"}" * 5000
+VALID = b'{"prompt":"a","num_inference_steps":1,"image_size":256}'
+
+# name: (body, content type, statuses allowed). Each one is a mistake a real client makes, or an
+# attack on the parser; none may get a 5xx, and the service must still work afterwards.
+BODIES: dict[str, tuple[bytes, str | None, set[int]]] = {
+    "empty body": (b"", JSON, {400}),
+    "null": (b"null", JSON, {422}),
+    "an array, not an object": (b"[]", JSON, {422}),
+    "truncated JSON": (b'{"prompt": "a', JSON, {400}),
+    "deeply nested array (5,000 levels)": (DEEP_ARRAY, JSON, {400}),
+    "deeply nested object (5,000 levels)": (DEEP_OBJECT, JSON, {400}),
+    "unclosed nesting": (b"[" * 20_000, JSON, {400}),
+    "non-UTF-8 byte in the prompt": (b'{"prompt":"\xff\xfe"}', JSON, {400}),
+    "non-UTF-8 byte in the negative prompt": (
+        b'{"prompt":"a","negative_prompt":"\x80"}',
+        JSON,
+        {400},
+    ),
+    "UTF-16 surrogate as raw bytes (CESU-8)": (b'{"prompt":"\xed\xa0\x80"}', JSON, {400}),
+    "lone surrogate escape": (b'{"prompt":"\\ud800"}', JSON, {400}),
+    "UTF-16 body": ('{"prompt":"a"}'.encode("utf-16"), JSON, {400}),
+    "UTF-8 byte order mark": (b'\xef\xbb\xbf{"prompt":"a"}', JSON, {400}),
+    "NaN literal": (b'{"prompt":"a","cfg_scale":NaN}', JSON, {400}),
+    "Infinity literal": (b'{"prompt":"a","cfg_scale":Infinity}', JSON, {400}),
+    "-Infinity literal": (b'{"prompt":"a","cfg_scale":-Infinity}', JSON, {400}),
+    "1e999 (overflows to infinity)": (b'{"prompt":"a","cfg_scale":1e999}', JSON, {400, 422}),
+    "seed past 64 bits": (b'{"prompt":"a","seed":99999999999999999999999999}', JSON, {422}),
+    "bool for an integer": (b'{"prompt":"a","num_inference_steps":true}', JSON, {422}),
+    "NUL inside the prompt": (b'{"prompt":"a\\u0000b","num_inference_steps":1}', JSON, {200}),
+    # Litestar parses the body as JSON whatever the content type says: see docs/security.md.
+    "JSON sent as text/plain": (VALID, "text/plain", {200, 415}),
+    "JSON with no content type": (VALID, None, {200, 415}),
+    "form-encoded": (b"prompt=a", "application/x-www-form-urlencoded", {400, 415}),
+    "multipart": (
+        b'--XX\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na\r\n--XX--\r\n',
+        "multipart/form-data; boundary=XX",
+        {400, 415},
+    ),
+    "XML": (b"<prompt>a</prompt>", "application/xml", {400, 415}),
+    "msgpack": (b"\x81\xa6prompt\xa1a", "application/x-msgpack", {400, 415}),
+}
+
+LEAKS = (b"Traceback", b'File "', b".py", b"/work/", b"site-packages")
+
+
+def _assert_clean_error(response: rawhttp.RawResponse) -> None:
+    """An error answer is our JSON shape, and says nothing about the inside of the server."""
+    assert response.header("content-type") == JSON, response
+    body = json.loads(response.body)
+    assert set(body) == {"detail", "request_id"}, body
+    assert not any(leak in response.body for leak in LEAKS), response.body
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+def test_malformed_bodies_get_a_4xx_never_a_5xx(fuzz_service: ServiceProcess, name: str) -> None:
+    body, content_type, allowed = BODIES[name]
+    response = rawhttp.post(fuzz_service.base_url, "/generate", body, content_type=content_type)
+    assert response.status in allowed, (response.status, response.body[:300])
+    if response.status != 200:
+        _assert_clean_error(response)
+
+
+def test_a_10_mb_body_is_refused_with_413_before_it_is_read(fuzz_service: ServiceProcess) -> None:
+    size = 10 * 2**20
+    head = rawhttp.post_head("/generate", length=size)
+    response = rawhttp.send(
+        fuzz_service.base_url, head, (b"x" * 2**16 for _ in range(size // 2**16))
+    )
+    assert response.status == 413
+    _assert_clean_error(response)
+
+
+def test_a_lying_content_length_of_10_gb_is_refused_with_413(fuzz_service: ServiceProcess) -> None:
+    head = rawhttp.post_head("/generate", length=10 * 2**30)
+    response = rawhttp.send(fuzz_service.base_url, head, b'{"prompt": "a"}')
+    assert response.status == 413
+    _assert_clean_error(response)
+
+
+def test_a_10_mb_chunked_body_is_refused_with_413(fuzz_service: ServiceProcess) -> None:
+    # No Content-Length: the limit has to be enforced on the bytes as they arrive.
+    head = rawhttp.post_head("/generate", "Transfer-Encoding: chunked")
+    response = rawhttp.send(fuzz_service.base_url, head, rawhttp.chunked(b"x" * 10 * 2**20, 2**16))
+    assert response.status == 413
+    _assert_clean_error(response)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param("X-Request-ID: " + "a" * 200_000, id="200 kB X-Request-ID"),
+        pytest.param("Authorization: Bearer " + "k" * 1_000_000, id="1 MB Authorization"),
+        pytest.param("X-Filler: " + "\xff\xfe" * 1000, id="non-ASCII header bytes"),
+        pytest.param("\r\n".join(f"X-H{i}: v" for i in range(5_000)), id="5,000 headers"),
+    ],
+)
+def test_huge_and_odd_headers_are_answered_and_never_echoed(
+    fuzz_service: ServiceProcess, header: str
+) -> None:
+    response = rawhttp.post(fuzz_service.base_url, "/generate", VALID, header)
+    # uvicorn (httptools) sets no limit on header size; see docs/security.md for the proxy's.
+    assert response.status == 200, response.body[:300]
+    request_id = response.header("x-request-id")
+    assert request_id is not None
+    assert len(request_id) <= 128
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(
+            rawhttp.post_head("/generate", "Transfer-Encoding: chunked", length=14)
+            + b'\r\n\r\n{"prompt":"a"}',
+            id="Content-Length and Transfer-Encoding together",
+        ),
+        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", id="TLS hello on plain HTTP"),
+        pytest.param(
+            b"GET /health HTTP/1.1\r\nHost: a\r\nBad Header\r\n", id="header with no colon"
+        ),
+    ],
+)
+def test_broken_http_gets_400_from_the_server(fuzz_service: ServiceProcess, raw: bytes) -> None:
+    response = rawhttp.send(fuzz_service.base_url, raw)
+    assert response.status == 400
+
+
+def test_the_service_still_serves_after_all_the_bad_input(fuzz_service: ServiceProcess) -> None:
+    assert_still_serving(
+        fuzz_service, {"prompt": "after", "num_inference_steps": 1, "image_size": 256}
+    )
+    errors = [line for line in fuzz_service.logs() if line.get("level") in {"error", "critical"}]
+    assert not errors, errors[:3]
