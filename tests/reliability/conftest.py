@@ -3,6 +3,7 @@
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,14 @@ def assert_still_serving(service: ServiceProcess, body: dict[str, object]) -> No
         response = client.post("/generate", json=body)
     assert response.status_code == 200, response.text
     assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll `condition` until it holds; fail if it has not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
 
 
 def log_lines(service: ServiceProcess, event: str, **fields: object) -> list[dict[str, Any]]:

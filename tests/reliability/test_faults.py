@@ -5,7 +5,7 @@ that was cancelled must not be done, and the log must say what happened."""
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ from tests.reliability.conftest import (
     assert_still_serving,
     log_lines,
     wait_for_log,
+    wait_until,
 )
 from tests.reliability.fault_service import CUDA_POISONED, FaultEngine
 from tests.reliability.figures import FigureBook
@@ -87,13 +88,6 @@ def _open_generation(
     return sock
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
 def test_a_client_that_disconnects_while_queued_is_never_started(
     faults: ServiceProcess, figures: FigureBook
 ) -> None:
@@ -106,7 +100,7 @@ def test_a_client_that_disconnects_while_queued_is_never_started(
     wait_for_log(faults, "engine_started", label="ahead")
     leaver = _open_generation(faults, "leaver", 40, "fault-leaver")
     with faults.client() as client:
-        _wait_until(lambda: client.get("/health").json()["queue_depth"] == 1)
+        wait_until(lambda: client.get("/health").json()["queue_depth"] == 1)
     leaver.close()
     ahead.join(timeout=60)
     assert [r.status_code for r in results] == [200]
@@ -212,7 +206,7 @@ def test_a_dead_inference_thread_fails_its_jobs_and_ends_the_process_non_zero(
             target=lambda: results.update(behind=_generate(service, "behind", 2, "fault-behind"))
         )
         with service.client() as client:
-            _wait_until(lambda: client.get("/health").json()["queue_depth"] == 1)
+            wait_until(lambda: client.get("/health").json()["queue_depth"] == 1)
         behind.start()
         for thread in (ahead, queued, behind):
             thread.join(timeout=60)
@@ -235,7 +229,7 @@ def test_a_dead_inference_thread_turns_health_503() -> None:
     settings = load_settings({"OVIS_MODEL": "fault", "OVIS_WARMUP": "false"})
     app = create_app(settings, engine=FaultEngine(step_seconds=0.0, stall_seconds=0.0))
     with TestClient(app) as client:
-        _wait_until(lambda: client.get("/health").status_code == 200)
+        wait_until(lambda: client.get("/health").status_code == 200)
         response = client.post("/generate", json={"prompt": "poison", "num_inference_steps": 1})
         assert response.status_code == 503
         health = client.get("/health")

@@ -5,14 +5,13 @@ exit 0."""
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.reliability.conftest import FAULT_COMMAND, log_lines
+from tests.reliability.conftest import FAULT_COMMAND, log_lines, wait_until
 from tests.reliability.figures import FigureBook
 from tests.support.service import TINY_COMMAND, ServiceProcess, run_service
 
@@ -41,13 +40,6 @@ class Results:
                 self.details[label] = response.json()["detail"]
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
 def _fill_then_sigterm(
     service: ServiceProcess, body: dict[str, object], extra_clients: int
 ) -> tuple[Results, list[str], int, float, Results]:
@@ -66,9 +58,9 @@ def _fill_then_sigterm(
             health = client.get("/health").json()
             return bool(health["running"] == 1 and health["queue_depth"] == QUEUE_SIZE)
 
-        _wait_until(saturated)
+        wait_until(saturated)
     # Everyone has been answered 503 (queue full) or is in the service now.
-    _wait_until(lambda: len(results.statuses) + len(results.errors) >= extra_clients)
+    wait_until(lambda: len(results.statuses) + len(results.errors) >= extra_clients)
     accepted = [f"load-{i}" for i in range(len(threads)) if f"load-{i}" not in results.statuses]
     sigterm_at = time.monotonic()
     service.process.send_signal(signal.SIGTERM)
