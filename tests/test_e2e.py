@@ -191,11 +191,15 @@ def test_sigterm_lets_running_and_queued_generations_finish_then_exits_0(tmp_pat
         threads = [threading.Thread(target=request) for _ in range(2)]
         for thread in threads:
             thread.start()
+        # SIGTERM only once one job runs and the other waits, so both paths are exercised.
         deadline = time.monotonic() + 30
         with service.client() as client:
-            while client.get("/health").json()["running"] == 0:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            while True:
+                health = client.get("/health").json()
+                if health["running"] == 1 and health["queue_depth"] == 1:
+                    break
+                assert time.monotonic() < deadline, health
+                time.sleep(0.02)
         service.process.send_signal(signal.SIGTERM)
         exit_code = service.process.wait(timeout=120)
         for thread in threads:
