@@ -18,6 +18,10 @@ class BadRequestError(ServiceError):
     status_code = 422
 
 
+class UnsupportedMediaTypeError(ServiceError):
+    status_code = 415
+
+
 class UnauthorizedError(ServiceError):
     status_code = 401
 

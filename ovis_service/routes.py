@@ -8,14 +8,21 @@ from typing import Annotated, Any
 import msgspec
 import structlog
 from litestar import Request, Response, get, post
+from litestar.connection import ASGIConnection
 from litestar.enums import RequestEncodingType
 from litestar.handlers import HTTPRouteHandler
+from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body
 
 from ovis_service.auth import PUBLIC
 from ovis_service.config import Settings
-from ovis_service.errors import BadRequestError, DeadlineExceededError, JobCancelledError
+from ovis_service.errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    JobCancelledError,
+    UnsupportedMediaTypeError,
+)
 from ovis_service.png import encode_png
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import (
@@ -34,6 +41,20 @@ logger = structlog.get_logger(__name__)
 
 # The worker enforces the deadline between denoising steps; this grace lets it answer first.
 _DEADLINE_GRACE_SECONDS = 5.0
+
+
+def require_json_body(
+    connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
+) -> None:
+    """Refuse a body that does not say it is JSON, before it is read. Besides a clear message
+    for `curl -d` without a header, this keeps browsers from sending "simple" cross-site
+    requests (text/plain, forms) that would make the GPU work for another site's page."""
+    media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            "Content-Type must be application/json, got "
+            + (repr(media_type) if media_type else "none")
+        )
 
 
 async def _wait_for_disconnect(request: Request[Any, Any, Any]) -> None:
@@ -76,6 +97,7 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
             400: "The body is not JSON.",
             401: "Missing or wrong API key (only when keys are configured).",
             413: "The body is larger than the configured limit.",
+            415: "The Content-Type is not application/json.",
             422: "A field breaks a rule; `detail` names the field and the rule.",
             503: "Queue full, model loading, GPU out of memory or shutting down; see Retry-After.",
             504: "The request deadline passed.",
@@ -186,6 +208,7 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
             "/generate",
             status_code=200,
             media_type="image/png",
+            guards=[require_json_body],
             summary="Generate an image",
             responses=error_responses,
             response_description="The PNG image, with generation parameters in its text chunks.",

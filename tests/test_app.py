@@ -146,3 +146,30 @@ def test_a_rejected_request_is_logged_with_its_status(client: TestClient) -> Non
     line = next(log for log in logs if log["event"] == "request_rejected")
     assert line["status"] == 422
     assert line["detail"] == "image_size: Expected int >= 256"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/json", 200),
+        ("application/json; charset=utf-8", 200),
+        ("Application/JSON", 200),
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        (None, 415),
+    ],
+)
+def test_only_a_json_content_type_is_accepted(
+    client: TestClient,  # type: ignore[type-arg]
+    content_type: str | None,
+    status: int,
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post(
+        "/generate",
+        content=b'{"prompt": "a", "image_size": 256, "num_inference_steps": 1}',
+        headers=headers,
+    )
+    assert response.status_code == status, response.text
+    if status == 415:
+        assert response.json()["detail"].startswith("Content-Type must be application/json")
