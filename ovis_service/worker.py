@@ -231,7 +231,9 @@ class InferenceWorker:
         with self._lock:
             self._info = info
             if self._state is WorkerState.LOADING:
-                self._state = WorkerState.READY
+                # A shutdown may have begun while the weights were loading.
+                draining = self._drain_deadline is not None
+                self._state = WorkerState.DRAINING if draining else WorkerState.READY
         logger.info(
             "model_ready",
             model=info.model,

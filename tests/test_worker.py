@@ -399,3 +399,17 @@ def test_stopping_a_worker_that_never_started_returns_at_once() -> None:
     worker = InferenceWorker(FakeEngine(), capacity=1)
     worker.stop(drain_timeout=0)
     assert worker.snapshot().state is WorkerState.CREATED
+
+
+def test_a_drain_that_starts_during_loading_is_reported_once_loaded() -> None:
+    engine = FakeEngine(load_seconds=0.3)
+    worker = InferenceWorker(engine, capacity=1)
+    worker.start()
+    worker.begin_drain(timeout=30)
+    deadline = time.monotonic() + WAIT
+    while worker.snapshot().info is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert worker.snapshot().state is WorkerState.DRAINING
+    worker.stop(drain_timeout=0)
+    assert worker.snapshot().state is WorkerState.STOPPED
