@@ -123,8 +123,9 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
             image_size=data.image_size,
             seed=seed,
         )
+        request_id = current_request_id()
         request_fields: dict[str, object] = {
-            "request_id": current_request_id(),
+            "request_id": request_id,
             "seed": seed,
             "image_size": params.image_size,
             "steps": params.num_inference_steps,
@@ -138,7 +139,7 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         job = Job(
-            request_id=current_request_id(),
+            request_id=request_id,
             params=params,
             future=loop.create_future(),
             loop=loop,
