@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from ovis_service.config import Settings
+from ovis_service.engine import StepHooks
 from ovis_service.pipeline import DiffusersEngine
 from ovis_service.png import encode_png
 from ovis_service.schemas import GenerationParams
@@ -34,11 +35,12 @@ def direct_seconds(engine: DiffusersEngine, size: int, steps: int, rounds: int) 
             negative_prompt="",
             num_inference_steps=steps,
             cfg_scale=5.0,
-            image_size=size,
+            width=size,
+            height=size,
             seed=seed,
         )
         started = time.perf_counter()
-        result = engine.generate(params, lambda: None)
+        result = engine.generate(params, StepHooks(stop_check=lambda: None))
         encode_png(result.image, params, engine.model_id)
         timings.append(time.perf_counter() - started)
     return timings

@@ -33,7 +33,8 @@ def _warmup_params(settings: Settings) -> GenerationParams | None:
         negative_prompt="",
         num_inference_steps=2,
         cfg_scale=5.0,  # exercises the guidance path too
-        image_size=min(_WARMUP_SIZE, settings.max_image_size),
+        width=min(_WARMUP_SIZE, settings.max_image_size),
+        height=min(_WARMUP_SIZE, settings.max_image_size),
         seed=0,
     )
 

@@ -5,6 +5,7 @@ The worker only ever talks to an `Engine`. The diffusers implementation lives in
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
@@ -14,6 +15,27 @@ from ovis_service.schemas import GenerationParams
 
 StopCheck = Callable[[], None]
 """Called between denoising steps; raises to stop the run (cancelled, deadline, shutdown)."""
+
+ProgressCallback = Callable[[int, int], None]
+"""`(steps_done, total_steps)`, called after each denoising step."""
+
+PreviewCallback = Callable[[int, Image.Image], None]
+"""`(steps_done, image)`: a picture of the current estimate of the final image."""
+
+
+def _ignore(*_args: object) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class StepHooks:
+    """What the inference thread asks of a run besides the image; every hook runs on it."""
+
+    stop_check: StopCheck
+    on_progress: ProgressCallback = _ignore
+    # Steps done (1-based) after which a preview is wanted; empty means none is rendered.
+    preview_steps: frozenset[int] = field(default_factory=frozenset)
+    on_preview: PreviewCallback = _ignore
 
 
 class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,7 +59,9 @@ class Engine(Protocol):
         """Load weights onto the device; slow, so it runs on the inference thread."""
         ...
 
-    def generate(self, params: GenerationParams, stop_check: StopCheck) -> GenerationResult: ...
+    def generate(self, params: GenerationParams, hooks: StepHooks) -> GenerationResult:
+        """Run every step, calling `hooks.stop_check` and `hooks.on_progress` after each."""
+        ...
 
     def is_out_of_memory(self, error: BaseException) -> bool: ...
 

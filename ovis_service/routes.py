@@ -120,14 +120,16 @@ def build_routes(settings: Settings, worker: InferenceWorker) -> list[HTTPRouteH
             negative_prompt=data.negative_prompt,
             num_inference_steps=data.num_inference_steps,
             cfg_scale=data.cfg_scale,
-            image_size=data.image_size,
+            width=data.image_size,
+            height=data.image_size,
             seed=seed,
         )
         request_id = current_request_id()
         request_fields: dict[str, object] = {
             "request_id": request_id,
             "seed": seed,
-            "image_size": params.image_size,
+            "width": params.width,
+            "height": params.height,
             "steps": params.num_inference_steps,
             "cfg_scale": params.cfg_scale,
             "prompt_chars": len(params.prompt),

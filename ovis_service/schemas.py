@@ -137,8 +137,13 @@ class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
     negative_prompt: str
     num_inference_steps: int
     cfg_scale: float
-    image_size: int
+    width: int
+    height: int
     seed: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
 
 
 class HealthResponse(msgspec.Struct, kw_only=True):

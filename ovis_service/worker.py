@@ -13,11 +13,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
-from ovis_service.engine import Engine, EngineInfo, GenerationResult
+from ovis_service.engine import (
+    Engine,
+    EngineInfo,
+    GenerationResult,
+    PreviewCallback,
+    ProgressCallback,
+    StepHooks,
+)
 from ovis_service.errors import (
     DeadlineExceededError,
     GenerationFailedError,
@@ -61,6 +68,10 @@ class Job:
     deadline: float
     enqueued_at: float
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Streaming requests watch the run; both callbacks are called on the inference thread.
+    on_progress: ProgressCallback | None = None
+    preview_steps: frozenset[int] = frozenset()
+    on_preview: PreviewCallback | None = None
 
     def cancel(self) -> None:
         """Safe from any thread: a queued job is skipped, a running one stops at the next step."""
@@ -220,7 +231,7 @@ class InferenceWorker:
             info = self._engine.load()
             if self._warmup is not None:
                 warm_started = time.perf_counter()
-                self._engine.generate(self._warmup, lambda: None)
+                self._engine.generate(self._warmup, StepHooks(stop_check=lambda: None))
                 logger.info("warmup_done", seconds=round(time.perf_counter() - warm_started, 3))
         except Exception as exc:
             logger.exception("model_load_failed", model=self._engine.model_id)
@@ -272,13 +283,13 @@ class InferenceWorker:
         queue_seconds = now - job.enqueued_at
         started = time.perf_counter()
         try:
-            result = self._engine.generate(job.params, lambda: self._check(job))
+            result = self._engine.generate(job.params, self._hooks(job))
         except ServiceError as exc:
             log.info("job_stopped", reason=type(exc).__name__, detail=exc.detail)
             self._resolve(job, exc)
         except Exception as exc:
             if self._engine.is_out_of_memory(exc):
-                log.warning("job_out_of_memory", image_size=job.params.image_size)
+                log.warning("job_out_of_memory", width=job.params.width, height=job.params.height)
                 self._engine.recover_from_oom()
                 self._resolve(
                     job,
@@ -298,6 +309,14 @@ class InferenceWorker:
             self._resolve(job, JobOutcome(result, queue_seconds, seconds))
         with self._lock:
             self._running_job = None
+
+    def _hooks(self, job: Job) -> StepHooks:
+        hooks = StepHooks(stop_check=lambda: self._check(job), preview_steps=job.preview_steps)
+        if job.on_progress is not None:
+            hooks = replace(hooks, on_progress=job.on_progress)
+        if job.on_preview is not None:
+            hooks = replace(hooks, on_preview=job.on_preview)
+        return hooks
 
     def _check(self, job: Job) -> None:
         if job.cancelled.is_set():

@@ -122,7 +122,7 @@ def test_one_log_line_per_request_without_the_prompt(client: TestClient) -> None
     line = lines[0]
     assert line["status"] == 200
     assert line["seed"] == 5
-    assert line["image_size"] == 256
+    assert (line["width"], line["height"]) == (256, 256)
     assert line["steps"] == 2
     assert line["prompt_chars"] == len("a very private prompt")
     assert line["request_id"] == response.headers["x-request-id"]

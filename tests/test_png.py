@@ -11,7 +11,8 @@ PARAMS = GenerationParams(
     negative_prompt="flou",
     num_inference_steps=28,
     cfg_scale=4.5,
-    image_size=64,
+    width=64,
+    height=64,
     seed=2**63 - 1,
 )
 
@@ -29,7 +30,8 @@ def test_the_png_carries_every_parameter_including_non_latin_prompts() -> None:
         "seed": str(2**63 - 1),
         "num_inference_steps": "28",
         "cfg_scale": "4.5",
-        "image_size": "64",
+        "width": "64",
+        "height": "64",
         "model": "AIDC-AI/Ovis-Image-7B",
     }
 

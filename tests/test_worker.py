@@ -31,7 +31,8 @@ def params(prompt: str = "a fox", steps: int = 2, seed: int = 1) -> GenerationPa
         negative_prompt="",
         num_inference_steps=steps,
         cfg_scale=5.0,
-        image_size=256,
+        width=256,
+        height=256,
         seed=seed,
     )
 

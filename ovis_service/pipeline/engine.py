@@ -10,7 +10,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from ovis_service.config import Settings
-from ovis_service.engine import EngineInfo, GenerationResult, StopCheck
+from ovis_service.engine import EngineInfo, GenerationResult, StepHooks
 from ovis_service.pipeline.device import describe_device, resolve_device, resolve_dtype
 from ovis_service.pipeline.memory import activation_headroom, choose_offload
 from ovis_service.pipeline.tiny import TINY_MODEL_ID, build_tiny_pipeline
@@ -87,14 +87,15 @@ class DiffusersEngine:
             pipe.to(self._device)
         return offload
 
-    def generate(self, params: GenerationParams, stop_check: StopCheck) -> GenerationResult:
+    def generate(self, params: GenerationParams, hooks: StepHooks) -> GenerationResult:
         pipe = self._require_pipe()
 
         def on_step_end(
-            _pipe: OvisImagePipeline, _step: int, _timestep: Any, _tensors: dict[str, Any]
+            _pipe: OvisImagePipeline, step: int, _timestep: Any, _tensors: dict[str, Any]
         ) -> dict[str, Any]:
             # Raising here ends the call at once; `pipe._interrupt` would still run the VAE.
-            stop_check()
+            hooks.stop_check()
+            hooks.on_progress(step + 1, params.num_inference_steps)
             return {}
 
         # A CPU generator makes a seed mean the same noise on every GPU model and driver.
@@ -105,8 +106,8 @@ class DiffusersEngine:
                 negative_prompt=params.negative_prompt,
                 num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.cfg_scale,
-                height=params.image_size,
-                width=params.image_size,
+                height=params.height,
+                width=params.width,
                 generator=generator,
                 max_sequence_length=MAX_SEQUENCE_LENGTH,
                 callback_on_step_end=on_step_end,

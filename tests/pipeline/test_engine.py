@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ovis_service.config import Settings, SettingsError
+from ovis_service.engine import StepHooks
 from ovis_service.errors import JobCancelledError
 from ovis_service.pipeline import DiffusersEngine
 from ovis_service.pipeline.tiny import build_tiny_pipeline
@@ -21,7 +22,8 @@ def params(**overrides: object) -> GenerationParams:
         "negative_prompt": "",
         "num_inference_steps": 2,
         "cfg_scale": 5.0,
-        "image_size": SIZE,
+        "width": SIZE,
+        "height": SIZE,
         "seed": 7,
     }
     values.update(overrides)
@@ -30,6 +32,9 @@ def params(**overrides: object) -> GenerationParams:
 
 def no_stop() -> None:
     return None
+
+
+NO_HOOKS = StepHooks(stop_check=no_stop)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +46,11 @@ def engine() -> DiffusersEngine:
 
 
 def pixels(engine: DiffusersEngine, **overrides: object) -> np.ndarray:
-    return np.asarray(engine.generate(params(**overrides), no_stop).image)
+    return np.asarray(engine.generate(params(**overrides), NO_HOOKS).image)
 
 
 def test_the_image_has_the_requested_size(engine: DiffusersEngine) -> None:
-    result = engine.generate(params(image_size=512), no_stop)
+    result = engine.generate(params(width=512, height=512), NO_HOOKS)
     assert result.image.size == (512, 512)
     assert result.image.mode == "RGB"
     assert result.prompt_truncated is False
@@ -86,7 +91,7 @@ def test_cfg_scale_drives_guidance_scale(engine: DiffusersEngine) -> None:
 
 def test_a_prompt_past_256_tokens_is_reported_as_truncated(engine: DiffusersEngine) -> None:
     long_prompt = " ".join(f"word{i}" for i in range(400))
-    assert engine.generate(params(prompt=long_prompt), no_stop).prompt_truncated is True
+    assert engine.generate(params(prompt=long_prompt), NO_HOOKS).prompt_truncated is True
 
 
 def test_stop_check_ends_the_run_between_steps(engine: DiffusersEngine) -> None:
@@ -99,7 +104,7 @@ def test_stop_check_ends_the_run_between_steps(engine: DiffusersEngine) -> None:
             raise JobCancelledError("the client disconnected")
 
     with pytest.raises(JobCancelledError):
-        engine.generate(params(num_inference_steps=50), stop_after_two)
+        engine.generate(params(num_inference_steps=50), StepHooks(stop_check=stop_after_two))
     assert calls == 2
 
 
@@ -109,7 +114,7 @@ def test_a_local_directory_in_save_pretrained_layout_loads(tmp_path: Path) -> No
     device = "auto" if torch.cuda.is_available() else "cpu"
     engine = DiffusersEngine(Settings(model=str(tmp_path / "model"), device=device))
     engine.load()
-    assert engine.generate(params(), no_stop).image.size == (SIZE, SIZE)
+    assert engine.generate(params(), NO_HOOKS).image.size == (SIZE, SIZE)
     engine.release()
     assert engine.pipeline is None
 
@@ -137,5 +142,5 @@ def test_tiny_model_runs_in_bf16_on_cuda() -> None:
     engine = DiffusersEngine(Settings(model="tiny", device="cuda"))
     info = engine.load()
     assert info.dtype == "bfloat16"
-    assert engine.generate(params(), no_stop).image.size == (SIZE, SIZE)
+    assert engine.generate(params(), NO_HOOKS).image.size == (SIZE, SIZE)
     engine.release()

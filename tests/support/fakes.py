@@ -11,7 +11,7 @@ import time
 
 from PIL import Image
 
-from ovis_service.engine import EngineInfo, GenerationResult, StopCheck
+from ovis_service.engine import EngineInfo, GenerationResult, StepHooks
 from ovis_service.schemas import GenerationParams
 
 SECRET_IN_ERROR = "/srv/secret/weights.bin"
@@ -54,7 +54,7 @@ class FakeEngine:
             raise self.load_error
         return EngineInfo(model=self.model_id, device="cpu", dtype="float32", offload="none")
 
-    def generate(self, params: GenerationParams, stop_check: StopCheck) -> GenerationResult:
+    def generate(self, params: GenerationParams, hooks: StepHooks) -> GenerationResult:
         self._touch()
         self.started.append(params.prompt)
         self.running.set()
@@ -65,15 +65,18 @@ class FakeEngine:
                 raise RuntimeError(f"boom while reading {SECRET_IN_ERROR}")
             if params.prompt.startswith("oom"):
                 raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-            for _ in range(params.num_inference_steps):
+            for step in range(params.num_inference_steps):
                 time.sleep(self.step_seconds)
                 self.steps_run += 1
-                stop_check()
+                hooks.stop_check()
+                hooks.on_progress(step + 1, params.num_inference_steps)
+                if step + 1 in hooks.preview_steps:
+                    hooks.on_preview(step + 1, Image.new("RGB", (params.width, params.height)))
         finally:
             self.running.clear()
         self.completed.append(params.prompt)
         shade = params.seed % 256
-        image = Image.new("RGB", (params.image_size, params.image_size), (shade, 0, 255 - shade))
+        image = Image.new("RGB", (params.width, params.height), (shade, 0, 255 - shade))
         return GenerationResult(image=image, prompt_truncated=len(params.prompt) > 1000)
 
     def is_out_of_memory(self, error: BaseException) -> bool:
