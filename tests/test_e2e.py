@@ -71,7 +71,8 @@ def test_generate_returns_a_png_with_its_parameters(client: httpx.Client) -> Non
         "seed": "42",
         "num_inference_steps": "2",
         "cfg_scale": "4.5",
-        "image_size": "256",
+        "width": "256",
+        "height": "256",
         "model": "tiny",
     }
 
