@@ -155,16 +155,26 @@ class InferenceWorker:
     # -- used by request handlers -------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
+        self.submit_all([job])
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue every job or none: a request for n images is refused whole when fewer than n
+        places are free, never half-served."""
         with self._lock:
             state = self._state
             if state is not WorkerState.READY:
                 raise self._refusal(state)
-            try:
-                self._queue.put_nowait(job)
-            except queue.Full:
+            # Only this method puts jobs, under this lock, so the free room can only grow
+            # between the check and the puts.
+            if self._queue.qsize() + len(jobs) > self._capacity:
                 raise OverloadedError(
-                    "the queue is full; retry later", retry_after=self._retry_after_locked()
-                ) from None
+                    "the queue is full; retry later"
+                    if len(jobs) == 1
+                    else f"the queue has no room for {len(jobs)} images; retry later",
+                    retry_after=self._retry_after_locked(),
+                )
+            for job in jobs:
+                self._queue.put_nowait(job)
 
     def snapshot(self) -> WorkerSnapshot:
         with self._lock:
