@@ -15,6 +15,7 @@ DEFAULT_MODEL = "AIDC-AI/Ovis-Image-7B"
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+DEVICES_PATTERN = r"^(auto|(cpu|cuda(:\d+)?)(,(cpu|cuda(:\d+)?))*)$"
 
 
 class SettingsError(ValueError):
@@ -25,14 +26,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """Every knob of the service; the field `queue_size` is read from `OVIS_QUEUE_SIZE`."""
 
     model: Annotated[str, msgspec.Meta(min_length=1)] = DEFAULT_MODEL
+    # OVIS_DEVICE names one device; OVIS_DEVICES a comma list (repeats allowed) or `auto`.
     device: Annotated[str, msgspec.Meta(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    devices: Annotated[str, msgspec.Meta(pattern=DEVICES_PATTERN)] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     offload: Literal["auto", "none", "model", "sequential"] = "auto"
     warmup: bool = True
 
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 4201
-    workers: PositiveInt = 1
+    workers: PositiveInt = 1  # inference threads (pipelines) per listed device
 
     queue_size: PositiveInt = 8
     request_timeout: PositiveSeconds = 600.0
@@ -46,6 +49,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     api_keys: tuple[str, ...] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_prompts: bool = False
+    metrics_public: bool = False  # /metrics without an API key, for a scraper on a private network
 
 
 # Settings that are not a plain field of the same name.
@@ -64,6 +68,8 @@ def _normalise(name: str, raw: str) -> str | list[str]:
     if name == "api_keys":
         # Several comma-separated keys let an operator rotate them without downtime.
         return [key.strip() for key in raw.split(",") if key.strip()]
+    if name == "devices":
+        return ",".join(part.strip() for part in raw.split(","))
     if name in {"log_level"}:
         return raw.strip().upper()
     return raw.strip()
