@@ -33,6 +33,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     offload: Literal["auto", "none", "model", "sequential"] = "auto"
     warmup: bool = True
 
+    # Speed levers (ovis_service/pipeline/levers.py; measured in docs/performance.md).
+    cfg_batch: bool = True
+    compile: Literal["none", "regional"] = "none"
+    compile_cache_dir: str = ""
+    attention: Literal[
+        "auto",
+        "native",
+        "cudnn",
+        "efficient",
+        "torch_flash",
+        "math",
+        "flex",
+        "flash",
+        "flash_3",
+        "sage",
+        "xformers",
+    ] = "auto"
+    step_cache: Literal["none", "taylorseer", "first_block"] = "none"
+    step_cache_threshold: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
+    quantize: Literal["none", "fp8"] = "none"
+
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 4201
     workers: PositiveInt = 1  # inference threads (pipelines) per listed device

@@ -43,6 +43,8 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     device: str
     dtype: str
     offload: str
+    # Speed levers in force (cfg_batch, compile, attention, step_cache, quantize), by name.
+    levers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class GenerationResult(msgspec.Struct, frozen=True, kw_only=True):

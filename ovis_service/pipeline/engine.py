@@ -1,7 +1,7 @@
 """The diffusers engine: loads OvisImagePipeline and turns job parameters into a PIL image."""
 
 import gc
-from typing import Any
+import time
 
 import structlog
 import torch
@@ -11,7 +11,11 @@ from transformers.utils import logging as transformers_logging
 
 from ovis_service.config import Settings
 from ovis_service.engine import EngineInfo, GenerationResult, StepHooks
+from ovis_service.pipeline import levers as levers_module
 from ovis_service.pipeline.device import describe_device, resolve_device, resolve_dtype
+from ovis_service.pipeline.levers import Levers
+from ovis_service.pipeline.loop import MAX_SEQUENCE_LENGTH
+from ovis_service.pipeline.loop import generate as run_loop
 from ovis_service.pipeline.memory import activation_headroom, choose_offload
 from ovis_service.pipeline.tiny import TINY_MODEL_ID, build_tiny_pipeline
 from ovis_service.schemas import GenerationParams
@@ -23,19 +27,26 @@ for _library_logging in (diffusers_logging, transformers_logging):
     _library_logging.disable_default_handler()
     _library_logging.enable_propagation()
 
-MAX_SEQUENCE_LENGTH = 256  # the pipeline's hard limit on prompt tokens
+# Compile warm-up: two sizes, each with and without guidance (batch 2 and batch 1 are separate
+# graphs: torch specialises on size-1 dimensions), so that requests recompile nothing.
+_WARMUP_SIZES = ((256, 256), (512, 256))
+_WARMUP_GUIDANCE = (5.0, 1.0)
 
 
 class DiffusersEngine:
-    """Construct it on any thread (it only checks the device); everything else runs on the
-    inference thread."""
+    """Construct it on any thread (it checks the device and the levers); everything else runs
+    on the inference thread. `device` overrides `settings.device`, so that a pool can build one
+    engine per GPU."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, device: str | None = None) -> None:
         self.model_id = settings.model
         self._settings = settings
-        self._device = resolve_device(settings.device, settings.model)
+        self._device = resolve_device(device or settings.device, settings.model)
         self._dtype = resolve_dtype(settings.dtype, self._device)
+        self._levers = Levers.from_settings(settings)
+        levers_module.check(self._levers, self._device, self._dtype)
         self._pipe: OvisImagePipeline | None = None
+        self._graphs_after_warmup: int | None = None
 
     @property
     def pipeline(self) -> OvisImagePipeline | None:
@@ -52,12 +63,38 @@ class DiffusersEngine:
             pipe = OvisImagePipeline.from_pretrained(self.model_id, dtype=self._dtype)
         pipe.set_progress_bar_config(disable=True)
         offload = self._place(pipe)
+        levers_module.apply(pipe, self._levers)
         self._pipe = pipe
+        if self._levers.compile != "none":
+            self._warm_up_compile()
+        logger.info("levers_in_force", **self._levers.describe())
         return EngineInfo(
             model=self.model_id,
             device=describe_device(self._device),
             dtype=str(self._dtype).removeprefix("torch."),
             offload=offload,
+            levers=self._levers.describe(),
+        )
+
+    def _warm_up_compile(self) -> None:
+        started = time.perf_counter()
+        for width, height in _WARMUP_SIZES:
+            for guidance in _WARMUP_GUIDANCE:
+                params = GenerationParams(
+                    prompt="warm-up",
+                    negative_prompt="",
+                    num_inference_steps=2,
+                    cfg_scale=guidance,
+                    width=width,
+                    height=height,
+                    seed=0,
+                )
+                self.generate(params, StepHooks(stop_check=lambda: None))
+        self._graphs_after_warmup = levers_module.compiled_graph_count()
+        logger.info(
+            "compile_warmup_done",
+            seconds=round(time.perf_counter() - started, 3),
+            graphs=self._graphs_after_warmup,
         )
 
     def _place(self, pipe: OvisImagePipeline) -> str:
@@ -89,33 +126,31 @@ class DiffusersEngine:
 
     def generate(self, params: GenerationParams, hooks: StepHooks) -> GenerationResult:
         pipe = self._require_pipe()
-
-        def on_step_end(
-            _pipe: OvisImagePipeline, step: int, _timestep: Any, _tensors: dict[str, Any]
-        ) -> dict[str, Any]:
-            # Raising here ends the call at once; `pipe._interrupt` would still run the VAE.
-            hooks.stop_check()
-            hooks.on_progress(step + 1, params.num_inference_steps)
-            return {}
-
-        # A CPU generator makes a seed mean the same noise on every GPU model and driver.
-        generator = torch.Generator("cpu").manual_seed(params.seed)
-        with torch.inference_mode():
-            output = pipe(
-                prompt=params.prompt,
-                negative_prompt=params.negative_prompt,
-                num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.cfg_scale,
-                height=params.height,
-                width=params.width,
-                generator=generator,
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
-                callback_on_step_end=on_step_end,
-                output_type="pil",
-            )
+        try:
+            with torch.inference_mode():
+                image = run_loop(pipe, params, hooks, cfg_batch=self._levers.cfg_batch)
+        finally:
+            # Offloads the last component and resets step-cache state, also after a cancel.
+            pipe.maybe_free_model_hooks()
+        self._note_recompiles(params)
         return GenerationResult(
-            image=output.images[0], prompt_truncated=self._is_truncated(pipe, params.prompt)
+            image=image, prompt_truncated=self._is_truncated(pipe, params.prompt)
         )
+
+    def _note_recompiles(self, params: GenerationParams) -> None:
+        """After warm-up, a new compiled graph means a request paid a compile: say which."""
+        if self._graphs_after_warmup is None:
+            return
+        graphs = levers_module.compiled_graph_count()
+        if graphs > self._graphs_after_warmup:
+            logger.warning(
+                "torch_recompiled",
+                width=params.width,
+                height=params.height,
+                guided=params.cfg_scale > 1,
+                graphs=graphs,
+            )
+            self._graphs_after_warmup = graphs
 
     @staticmethod
     def _is_truncated(pipe: OvisImagePipeline, prompt: str) -> bool:

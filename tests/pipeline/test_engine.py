@@ -42,6 +42,13 @@ def engine() -> DiffusersEngine:
     engine = DiffusersEngine(Settings(model="tiny"))
     info = engine.load()
     assert (info.model, info.device, info.dtype, info.offload) == ("tiny", "cpu", "float32", "none")
+    assert info.levers == {
+        "cfg_batch": "true",
+        "compile": "none",
+        "attention": "auto",
+        "step_cache": "none",
+        "quantize": "none",
+    }
     return engine
 
 
@@ -65,23 +72,22 @@ def test_the_same_seed_gives_the_same_pixels_and_another_seed_does_not(
 
 
 def test_cfg_scale_drives_guidance_scale(engine: DiffusersEngine) -> None:
-    """Upstream's argument is `guidance_scale`; the fork's `true_cfg_scale` would be ignored.
-    Guidance above 1 runs the transformer twice per step, and its strength changes the image."""
+    """Guidance above 1 runs cond and uncond each step (one forward of batch two, by default),
+    and its strength changes the image."""
     pipe = engine.pipeline
     assert pipe is not None
-    forward_calls = 0
+    batches: list[int] = []
 
-    def count(*_args: object) -> None:
-        nonlocal forward_calls
-        forward_calls += 1
+    def count(_module: object, args: object, kwargs: dict[str, torch.Tensor], _out: object) -> None:
+        batches.append(kwargs["hidden_states"].shape[0])
 
-    hook = pipe.transformer.register_forward_hook(count)
+    hook = pipe.transformer.register_forward_hook(count, with_kwargs=True)
     try:
         guided_low = pixels(engine, cfg_scale=2.0, num_inference_steps=3)
-        assert forward_calls == 6
-        forward_calls = 0
+        assert batches == [2, 2, 2]
+        batches.clear()
         unguided = pixels(engine, cfg_scale=1.0, num_inference_steps=3)
-        assert forward_calls == 3
+        assert batches == [1, 1, 1]
         guided_high = pixels(engine, cfg_scale=9.0, num_inference_steps=3)
     finally:
         hook.remove()
@@ -144,3 +150,14 @@ def test_tiny_model_runs_in_bf16_on_cuda() -> None:
     assert info.dtype == "bfloat16"
     assert engine.generate(params(), NO_HOOKS).image.size == (SIZE, SIZE)
     engine.release()
+
+
+def test_an_explicit_device_overrides_the_setting() -> None:
+    """A worker pool builds one engine per device from the same settings."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    engine = DiffusersEngine(Settings(model="tiny", device="cuda"), device="cpu")
+    assert engine.load().device == "cpu"
+    engine.release()
+    with pytest.raises(SettingsError, match="OVIS_DEVICE=cuda:1, but no CUDA device"):
+        DiffusersEngine(Settings(model="tiny"), device="cuda:1")
