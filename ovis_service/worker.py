@@ -1,21 +1,23 @@
-"""The one inference thread: it loads the engine, runs jobs in order and resolves their futures.
+"""Inference threads over one bounded queue.
 
-Handlers run on the event loop; this thread never touches asyncio except through
-`loop.call_soon_threadsafe`, and no other thread ever touches the engine.
+Each thread owns one engine (one pipeline on one device): it loads it, takes jobs from the
+shared queue in order and resolves their futures. Handlers run on the event loop; the threads
+never touch asyncio except through `loop.call_soon_threadsafe`, and no engine is ever touched by
+a thread other than its own.
 """
 
 import asyncio
 import contextlib
 import enum
-import math
 import queue
 import threading
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from ovis_service.engine import (
     Engine,
@@ -35,11 +37,14 @@ from ovis_service.errors import (
     ShuttingDownError,
 )
 from ovis_service.schemas import GenerationParams
+from ovis_service.wait_estimate import WaitEstimator, step_pixels
 
 logger = structlog.get_logger(__name__)
 
 _POLL_SECONDS = 0.1
-_RECENT_JOBS = 20
+# How long `stop` waits for the threads beyond the drain timeout: the step in progress, the
+# release of the engine. A thread that takes longer is reported and left behind.
+_JOIN_GRACE_SECONDS = 30.0
 
 
 class WorkerState(enum.Enum):
@@ -48,8 +53,27 @@ class WorkerState(enum.Enum):
     READY = "ready"
     DRAINING = "draining"
     STOPPED = "stopped"
-    FAILED = "failed"  # the model did not load
-    DEAD = "dead"  # the thread ended unexpectedly
+    FAILED = "failed"  # a model did not load
+    DEAD = "dead"  # a thread ended unexpectedly
+
+
+RejectReason = Literal["queue_full", "loading", "shutting_down", "out_of_memory", "deadline"]
+
+
+class WorkerObserver(Protocol):
+    """Told what the worker decided, for metrics. Called from any thread; must not block."""
+
+    def job_rejected(self, reason: RejectReason) -> None: ...
+
+    def job_finished(self, outcome: "JobOutcome") -> None: ...
+
+
+class _NoObserver:
+    def job_rejected(self, reason: RejectReason) -> None:
+        return None
+
+    def job_finished(self, outcome: "JobOutcome") -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -77,12 +101,30 @@ class Job:
         """Safe from any thread: a queued job is skipped, a running one stops at the next step."""
         self.cancelled.set()
 
+    @property
+    def work(self) -> int:
+        return step_pixels(self.params.num_inference_steps, self.params.width, self.params.height)
+
 
 class _Stop:
-    """Queue sentinel."""
+    """Queue sentinel: wakes a waiting thread at once when the worker stops."""
 
 
 _STOP = _Stop()
+
+
+@dataclass(frozen=True)
+class ThreadSnapshot:
+    index: int
+    device: str
+    state: WorkerState
+    request_id: str | None  # the job running on it, if any
+    steps_done: int | None
+    total_steps: int | None
+
+    @property
+    def status(self) -> str:
+        return "busy" if self.request_id is not None else self.state.value
 
 
 @dataclass(frozen=True)
@@ -91,43 +133,90 @@ class WorkerSnapshot:
     queue_depth: int
     running: int
     capacity: int
-    info: EngineInfo | None
+    info: EngineInfo | None  # the first thread's engine
     detail: str | None
+    threads: tuple[ThreadSnapshot, ...] = ()
+
+    @property
+    def threads_alive(self) -> int:
+        return sum(
+            thread.state in (WorkerState.LOADING, WorkerState.READY) for thread in self.threads
+        )
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One inference thread and its engine; every field but `engine` is guarded by the lock."""
+
+    index: int
+    engine: Engine
+    label: str
+    state: WorkerState = WorkerState.CREATED
+    info: EngineInfo | None = None
+    detail: str | None = None
+    thread: threading.Thread | None = None
+    job: Job | None = None
+    steps_done: int = 0
+
+    def observed_state(self) -> WorkerState:
+        alive = self.thread is not None and self.thread.is_alive()
+        if self.state in (WorkerState.LOADING, WorkerState.READY) and not alive:
+            return WorkerState.DEAD
+        return self.state
 
 
 class InferenceWorker:
+    """The pool: one thread per engine, all taking jobs from one bounded queue."""
+
     def __init__(
         self,
-        engine: Engine,
+        engines: Engine | Sequence[Engine],
         *,
         capacity: int,
         warmup: GenerationParams | None = None,
         clock: Callable[[], float] = time.monotonic,
+        labels: Sequence[str] | None = None,
+        observer: WorkerObserver | None = None,
+        join_grace: float = _JOIN_GRACE_SECONDS,
     ) -> None:
-        self._engine = engine
+        engine_list = list(engines) if isinstance(engines, Sequence) else [engines]
+        if not engine_list:
+            raise ValueError("the worker needs at least one engine")
+        names = (
+            list(labels) if labels is not None else [f"thread-{i}" for i in range(len(engine_list))]
+        )
+        self._slots = [
+            _Slot(index=i, engine=engine, label=names[i]) for i, engine in enumerate(engine_list)
+        ]
         self._capacity = capacity
         self._warmup = warmup
         self._clock = clock
-        self._queue: queue.Queue[Job | _Stop] = queue.Queue(maxsize=capacity)
+        self._observer: WorkerObserver = observer or _NoObserver()
+        self._join_grace = join_grace
+        self._queue: queue.Queue[Job | _Stop] = queue.Queue(maxsize=capacity + len(self._slots))
         self._lock = threading.Lock()
-        self._state = WorkerState.CREATED
-        self._detail: str | None = None
-        self._info: EngineInfo | None = None
-        self._running_job: Job | None = None
-        self._recent_seconds: deque[float] = deque(maxlen=_RECENT_JOBS)
+        # Loading is serialised: from_pretrained patches torch globals while it builds modules
+        # (and the tiny model seeds the global RNG), so parallel loads could corrupt each other.
+        self._load_lock = threading.Lock()
+        self._started = False
+        self._queued_work = 0  # step-pixels of the jobs in the queue
+        self._estimator = WaitEstimator()
         self._drain_deadline: float | None = None
-        self._thread: threading.Thread | None = None
         self._stop_requested = threading.Event()
 
     # -- lifecycle, called from the event loop -------------------------------------------------
 
     def start(self) -> None:
         with self._lock:
-            if self._thread is not None:
+            if self._started:
                 return
-            self._state = WorkerState.LOADING
-            self._thread = threading.Thread(target=self._main, name="inference", daemon=True)
-            self._thread.start()
+            self._started = True
+            for slot in self._slots:
+                slot.state = WorkerState.LOADING
+                slot.thread = threading.Thread(
+                    target=self._main, args=(slot,), name=f"inference-{slot.index}", daemon=True
+                )
+                slot.thread.start()
 
     def begin_drain(self, timeout: float) -> None:
         """Refuse new jobs; queued ones still run until `timeout` seconds from now."""
@@ -135,22 +224,26 @@ class InferenceWorker:
             if self._drain_deadline is not None:
                 return
             self._drain_deadline = self._clock() + timeout
-            if self._state is WorkerState.READY:
-                self._state = WorkerState.DRAINING
-        logger.info("drain_started", queue_depth=self._queue.qsize(), timeout_s=timeout)
+        logger.info("drain_started", queue_depth=self._queue_depth(), timeout_s=timeout)
 
     def stop(self, drain_timeout: float) -> None:
-        """Drain, release the engine and join the thread. Blocking: call it off the event loop."""
+        """Drain, release every engine and join every thread, waiting at most the drain timeout
+        plus a grace. Blocking: call it off the event loop."""
         self.begin_drain(drain_timeout)
         self._stop_requested.set()
-        # Wakes the thread at once when there is room; it also polls the flag.
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_STOP)
-        thread = self._thread
-        if thread is not None:
+        for _ in self._slots:  # the queue keeps one place per thread for these
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_STOP)
+        give_up_at = time.monotonic() + drain_timeout + self._join_grace
+        for slot in self._slots:
+            thread = slot.thread
+            if thread is None:
+                continue
             # Past the drain deadline the loop stops the running job at its next step, so this
-            # join waits at most for one denoising step and the release.
-            thread.join()
+            # normally returns within one denoising step and the release.
+            thread.join(timeout=max(0.0, give_up_at - time.monotonic()))
+            if thread.is_alive():
+                logger.error("inference_thread_stuck", thread=slot.index, device=slot.label)
 
     # -- used by request handlers -------------------------------------------------------------
 
@@ -161,12 +254,13 @@ class InferenceWorker:
         """Queue every job or none: a request for n images is refused whole when fewer than n
         places are free, never half-served."""
         with self._lock:
-            state = self._state
+            state = self._state_locked()
             if state is not WorkerState.READY:
                 raise self._refusal(state)
             # Only this method puts jobs, under this lock, so the free room can only grow
             # between the check and the puts.
-            if self._queue.qsize() + len(jobs) > self._capacity:
+            if self._queue_depth() + len(jobs) > self._capacity:
+                self._observer.job_rejected("queue_full")
                 raise OverloadedError(
                     "the queue is full; retry later"
                     if len(jobs) == 1
@@ -174,88 +268,131 @@ class InferenceWorker:
                     retry_after=self._retry_after_locked(),
                 )
             for job in jobs:
+                self._queued_work += job.work
                 self._queue.put_nowait(job)
 
     def snapshot(self) -> WorkerSnapshot:
         with self._lock:
-            state = self._state
-            if state not in {WorkerState.STOPPED, WorkerState.FAILED, WorkerState.CREATED}:
-                thread = self._thread
-                if thread is not None and not thread.is_alive():
-                    state = WorkerState.DEAD
+            threads = tuple(
+                ThreadSnapshot(
+                    index=slot.index,
+                    device=slot.info.device if slot.info else slot.label,
+                    state=slot.observed_state(),
+                    request_id=slot.job.request_id if slot.job else None,
+                    steps_done=slot.steps_done if slot.job else None,
+                    total_steps=slot.job.params.num_inference_steps if slot.job else None,
+                )
+                for slot in self._slots
+            )
             return WorkerSnapshot(
-                state=state,
-                queue_depth=self._queue.qsize(),
-                running=1 if self._running_job is not None else 0,
+                state=self._state_locked(),
+                queue_depth=self._queue_depth(),
+                running=sum(slot.job is not None for slot in self._slots),
                 capacity=self._capacity,
-                info=self._info,
-                detail=self._detail,
+                info=next((slot.info for slot in self._slots if slot.info), None),
+                detail=self._detail_locked(),
+                threads=threads,
             )
 
     def retry_after(self) -> int:
         with self._lock:
             return self._retry_after_locked()
 
+    def _queue_depth(self) -> int:
+        # Sentinels are not work; they only ever enter the queue once stopping has begun.
+        with self._queue.mutex:
+            return sum(isinstance(item, Job) for item in self._queue.queue)
+
     def _retry_after_locked(self) -> int:
-        mean = (
-            sum(self._recent_seconds) / len(self._recent_seconds) if self._recent_seconds else 1.0
+        running = sum(
+            (slot.job.params.num_inference_steps - slot.steps_done)
+            * slot.job.params.width
+            * slot.job.params.height
+            for slot in self._slots
+            if slot.job is not None
         )
-        waiting = self._queue.qsize() + (1 if self._running_job is not None else 0)
-        return max(1, math.ceil(waiting * mean))
+        return self._estimator.seconds_for(self._queued_work + running, len(self._slots))
+
+    def _state_locked(self) -> WorkerState:
+        if not self._started:
+            return WorkerState.CREATED
+        states = [slot.observed_state() for slot in self._slots]
+        for severe in (WorkerState.DEAD, WorkerState.FAILED):
+            if severe in states:
+                return severe
+        if all(state is WorkerState.STOPPED for state in states):
+            return WorkerState.STOPPED
+        if WorkerState.LOADING in states:
+            return WorkerState.LOADING
+        return WorkerState.DRAINING if self._drain_deadline is not None else WorkerState.READY
+
+    def _detail_locked(self) -> str | None:
+        for slot in self._slots:
+            if slot.detail is not None:
+                return slot.detail if len(self._slots) == 1 else f"{slot.label}: {slot.detail}"
+        return None
 
     def _refusal(self, state: WorkerState) -> ServiceError:
         if state is WorkerState.LOADING or state is WorkerState.CREATED:
+            self._observer.job_rejected("loading")
             return NotReadyError("the model is still loading; retry shortly", retry_after=5)
         if state is WorkerState.DRAINING or state is WorkerState.STOPPED:
+            self._observer.job_rejected("shutting_down")
             return ShuttingDownError("the service is shutting down", retry_after=5)
-        return NotReadyError("the model is not available: " + (self._detail or state.value))
+        return NotReadyError(
+            "the model is not available: " + (self._detail_locked() or state.value)
+        )
 
-    # -- the inference thread -----------------------------------------------------------------
+    # -- the inference threads ----------------------------------------------------------------
 
-    def _main(self) -> None:
+    def _main(self, slot: _Slot) -> None:
+        log = logger.bind(thread=slot.index, device=slot.label)
         try:
-            if not self._load():
+            if not self._load(slot, log):
                 return
-            self._loop()
+            self._loop(slot)
             self._fail_queued(ShuttingDownError("the service shut down before this job ran"))
-            self._engine.release()
+            slot.engine.release()
             with self._lock:
-                self._state = WorkerState.STOPPED
-            logger.info("inference_thread_stopped")
+                slot.state = WorkerState.STOPPED
+            log.info("inference_thread_stopped")
         except BaseException:
             # A bug in the loop itself: leave the thread dead so /health turns 503 and the
             # orchestrator restarts the process, rather than limping on.
-            logger.exception("inference_thread_died")
+            log.exception("inference_thread_died")
             with self._lock:
-                self._state = WorkerState.DEAD
-                self._detail = "the inference thread died"
-                orphan, self._running_job = self._running_job, None
+                slot.state = WorkerState.DEAD
+                slot.detail = "the inference thread died"
+                orphan, slot.job = slot.job, None
             error = NotReadyError("the inference thread died; the service needs a restart")
             if orphan is not None:
                 self._resolve(orphan, error)
             self._fail_queued(error)
 
-    def _load(self) -> bool:
+    def _load(self, slot: _Slot, log: FilteringBoundLogger) -> bool:
         started = time.perf_counter()
         try:
-            info = self._engine.load()
+            with self._load_lock:
+                if self._stop_requested.is_set():
+                    # Stopped while waiting for another thread's load: nothing to release.
+                    with self._lock:
+                        slot.state = WorkerState.STOPPED
+                    return False
+                info = slot.engine.load()
             if self._warmup is not None:
                 warm_started = time.perf_counter()
-                self._engine.generate(self._warmup, StepHooks(stop_check=lambda: None))
-                logger.info("warmup_done", seconds=round(time.perf_counter() - warm_started, 3))
+                slot.engine.generate(self._warmup, StepHooks(stop_check=lambda: None))
+                log.info("warmup_done", seconds=round(time.perf_counter() - warm_started, 3))
         except Exception as exc:
-            logger.exception("model_load_failed", model=self._engine.model_id)
+            log.exception("model_load_failed", model=slot.engine.model_id)
             with self._lock:
-                self._state = WorkerState.FAILED
-                self._detail = f"model failed to load ({type(exc).__name__})"
+                slot.state = WorkerState.FAILED
+                slot.detail = f"model failed to load ({type(exc).__name__})"
             return False
         with self._lock:
-            self._info = info
-            if self._state is WorkerState.LOADING:
-                # A shutdown may have begun while the weights were loading.
-                draining = self._drain_deadline is not None
-                self._state = WorkerState.DRAINING if draining else WorkerState.READY
-        logger.info(
+            slot.info = info
+            slot.state = WorkerState.READY
+        log.info(
             "model_ready",
             model=info.model,
             device=info.device,
@@ -265,65 +402,87 @@ class InferenceWorker:
         )
         return True
 
-    def _loop(self) -> None:
+    def _loop(self, slot: _Slot) -> None:
         while True:
             if self._drain_expired():
                 self._fail_queued(ShuttingDownError("drain timeout passed before this job ran"))
-            if self._stop_requested.is_set() and self._queue.empty():
+            if self._stop_requested.is_set() and self._queue_depth() == 0:
                 return
             try:
                 job = self._queue.get(timeout=_POLL_SECONDS)
             except queue.Empty:
                 continue
             if isinstance(job, Job):
-                self._run_job(job)
+                self._run_job(slot, job)
 
-    def _run_job(self, job: Job) -> None:
-        log = logger.bind(request_id=job.request_id)
-        if job.cancelled.is_set() or job.future.cancelled():
+    def _run_job(self, slot: _Slot, job: Job) -> None:
+        log = logger.bind(request_id=job.request_id, thread=slot.index)
+        with self._lock:
+            self._queued_work -= job.work
+            if not (job.cancelled.is_set() or job.future.cancelled()):
+                slot.job, slot.steps_done = job, 0
+        if slot.job is not job:
             log.info("job_skipped", reason="client_disconnected")
             return
+        self._generate(slot, job, log)
+        # Not in a `finally`: if `_generate` itself breaks, the thread's handler fails this job.
+        with self._lock:
+            slot.job = None
+
+    def _generate(self, slot: _Slot, job: Job, log: FilteringBoundLogger) -> None:
         now = self._clock()
         if now > job.deadline:
             log.info("job_skipped", reason="deadline_passed")
+            self._observer.job_rejected("deadline")
             self._resolve(job, DeadlineExceededError("the request deadline passed while queued"))
             return
-        with self._lock:
-            self._running_job = job
-        queue_seconds = now - job.enqueued_at
-        started = time.perf_counter()
         try:
-            result = self._engine.generate(job.params, self._hooks(job))
+            result = slot.engine.generate(job.params, self._hooks(slot, job))
         except ServiceError as exc:
             log.info("job_stopped", reason=type(exc).__name__, detail=exc.detail)
+            if isinstance(exc, DeadlineExceededError):
+                self._observer.job_rejected("deadline")
+            elif isinstance(exc, ShuttingDownError):
+                self._observer.job_rejected("shutting_down")
             self._resolve(job, exc)
         except Exception as exc:
-            if self._engine.is_out_of_memory(exc):
-                log.warning("job_out_of_memory", width=job.params.width, height=job.params.height)
-                self._engine.recover_from_oom()
-                self._resolve(
-                    job,
-                    OverloadedError(
-                        "the GPU ran out of memory for this request; retry, or ask for a "
-                        "smaller image_size",
-                        retry_after=self.retry_after(),
-                    ),
-                )
-            else:
+            if not slot.engine.is_out_of_memory(exc):
                 log.exception("job_failed")
                 self._resolve(job, GenerationFailedError())
+                return
+            log.warning("job_out_of_memory", width=job.params.width, height=job.params.height)
+            slot.engine.recover_from_oom()
+            self._observer.job_rejected("out_of_memory")
+            self._resolve(
+                job,
+                OverloadedError(
+                    "the GPU ran out of memory for this request; retry, or ask for a "
+                    "smaller image_size",
+                    retry_after=self.retry_after(),
+                ),
+            )
         else:
-            seconds = time.perf_counter() - started
+            seconds = self._clock() - now
             with self._lock:
-                self._recent_seconds.append(seconds)
-            self._resolve(job, JobOutcome(result, queue_seconds, seconds))
-        with self._lock:
-            self._running_job = None
+                self._estimator.record(seconds, job.work)
+            outcome = JobOutcome(result, now - job.enqueued_at, seconds)
+            self._observer.job_finished(outcome)
+            self._resolve(job, outcome)
 
-    def _hooks(self, job: Job) -> StepHooks:
-        hooks = StepHooks(stop_check=lambda: self._check(job), preview_steps=job.preview_steps)
-        if job.on_progress is not None:
-            hooks = replace(hooks, on_progress=job.on_progress)
+    def _hooks(self, slot: _Slot, job: Job) -> StepHooks:
+        report = job.on_progress
+
+        def on_progress(steps_done: int, total: int) -> None:
+            with self._lock:
+                slot.steps_done = steps_done  # for Retry-After and /health
+            if report is not None:
+                report(steps_done, total)
+
+        hooks = StepHooks(
+            stop_check=lambda: self._check(job),
+            on_progress=on_progress,
+            preview_steps=job.preview_steps,
+        )
         if job.on_preview is not None:
             hooks = replace(hooks, on_preview=job.on_preview)
         return hooks
@@ -347,7 +506,11 @@ class InferenceWorker:
             except queue.Empty:
                 return
             if isinstance(job, Job):
+                with self._lock:
+                    self._queued_work -= job.work
                 logger.info("job_dropped", request_id=job.request_id, reason=error.detail)
+                if isinstance(error, ShuttingDownError):
+                    self._observer.job_rejected("shutting_down")
                 self._resolve(job, error)
 
     @staticmethod

@@ -21,6 +21,23 @@ class FakeOutOfMemoryError(RuntimeError):
     pass
 
 
+class FakeClock:
+    """A monotonic clock that moves only when told: hand it to the worker as `clock` and to
+    `FakeEngine`, whose steps then advance it instead of sleeping, so timings are exact."""
+
+    def __init__(self) -> None:
+        self._now = 1000.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
 class FakeEngine:
     def __init__(
         self,
@@ -30,12 +47,14 @@ class FakeEngine:
         load_error: Exception | None = None,
         gate: threading.Event | None = None,
         model_id: str = "fake",
+        clock: FakeClock | None = None,
     ) -> None:
         self.model_id = model_id
         self.step_seconds = step_seconds
         self.load_seconds = load_seconds
         self.load_error = load_error
         self.gate = gate  # when given, each generation waits for it before its first step
+        self.clock = clock  # when given, a step advances it by step_seconds instead of sleeping
         self.started: list[str] = []  # prompts, in the order generation began
         self.completed: list[str] = []
         self.steps_run = 0
@@ -66,7 +85,10 @@ class FakeEngine:
             if params.prompt.startswith("oom"):
                 raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
             for step in range(params.num_inference_steps):
-                time.sleep(self.step_seconds)
+                if self.clock is not None:
+                    self.clock.advance(self.step_seconds)
+                else:
+                    time.sleep(self.step_seconds)
                 self.steps_run += 1
                 hooks.stop_check()
                 hooks.on_progress(step + 1, params.num_inference_steps)
