@@ -9,19 +9,19 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from ovis_service.api import ROUTE_HANDLERS, signature_namespace
+from ovis_service.api.dependencies import DEPENDENCIES, SETTINGS_STATE_KEY, WORKER_STATE_KEY
 from ovis_service.auth import ApiKeyGuard
 from ovis_service.config import Settings, load_settings
 from ovis_service.engine import Engine
 from ovis_service.http_errors import handle_exception
 from ovis_service.logs import configure_logging
 from ovis_service.request_id import RequestIdMiddleware
-from ovis_service.routes import build_routes
 from ovis_service.schemas import GenerationParams
 from ovis_service.worker import InferenceWorker
 
 logger = structlog.get_logger(__name__)
 
-WORKER_STATE_KEY = "worker"
 _WARMUP_SIZE = 1024  # the default request size, so the common case finds its kernels ready
 
 
@@ -42,7 +42,10 @@ def _warmup_params(settings: Settings) -> GenerationParams | None:
 def _default_engine(settings: Settings) -> Engine:
     # Imported here so that the app module stays free of torch for tests with fake engines.
     from ovis_service.pipeline import DiffusersEngine  # noqa: PLC0415
+    from ovis_service.pipeline.loading import preflight  # noqa: PLC0415
 
+    # A wrong path or hub id is reported as such, before the device check could blame the GPU.
+    preflight(settings.model)
     return DiffusersEngine(settings)
 
 
@@ -80,7 +83,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         security = [{"bearer": []}]
 
     app = Litestar(
-        route_handlers=build_routes(settings, worker),
+        route_handlers=ROUTE_HANDLERS,
+        dependencies=DEPENDENCIES,
+        signature_namespace=signature_namespace(settings),
         lifespan=[lifespan],
         middleware=[RequestIdMiddleware],
         guards=[ApiKeyGuard(settings.api_keys)],
@@ -89,13 +94,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         openapi_config=OpenAPIConfig(
             title="ovis-service",
             version="0.1.0",
-            description="Text-to-image generation with Ovis-Image-7B: JSON in, PNG out.",
+            description="Text-to-image generation with Ovis-Image-7B: JSON in, an image out; "
+            "also OpenAI's Images API under /v1.",
             components=security_components or Components(),
             security=security,
         ),
         logging_config=None,  # structlog owns logging
     )
     app.state[WORKER_STATE_KEY] = worker
+    app.state[SETTINGS_STATE_KEY] = settings
     return app
 
 

@@ -8,10 +8,13 @@ class ServiceError(Exception):
 
     status_code: ClassVar[int] = 500
 
-    def __init__(self, detail: str, *, retry_after: int | None = None) -> None:
+    def __init__(
+        self, detail: str, *, retry_after: int | None = None, param: str | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.retry_after = retry_after
+        self.param = param  # the request field at fault, when there is one
 
 
 class BadRequestError(ServiceError):
@@ -20,6 +23,16 @@ class BadRequestError(ServiceError):
 
 class UnsupportedMediaTypeError(ServiceError):
     status_code = 415
+
+
+class NotAcceptableError(ServiceError):
+    """The client's Accept header allows none of the formats the service makes."""
+
+    status_code = 406
+
+
+class NotFoundError(ServiceError):
+    status_code = 404
 
 
 class UnauthorizedError(ServiceError):

@@ -1,4 +1,10 @@
-"""The one place that turns exceptions into JSON error responses."""
+"""The one place that turns exceptions into JSON error responses.
+
+Native routes answer `{"detail", "request_id"}`; everything under `/v1` answers OpenAI's
+`{"error": {"message", "type", "param", "code"}}`, so the `openai` SDK raises its own typed
+errors. Under `/v1` a broken rule is a 400, never a 422: the SDK would not retry either, but
+OpenAI's own clients expect 400.
+"""
 
 from typing import Any
 
@@ -6,7 +12,14 @@ import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from ovis_service.errors import ServiceError, UnauthorizedError
+from ovis_service.errors import (
+    DeadlineExceededError,
+    NotReadyError,
+    OverloadedError,
+    ServiceError,
+    ShuttingDownError,
+    UnauthorizedError,
+)
 from ovis_service.request_id import (
     NO_REQUEST_ID,
     REQUEST_ID_HEADER,
@@ -21,16 +34,20 @@ logger = structlog.get_logger(__name__)
 _MALFORMED = ("JSON is malformed", "Input data was truncated")
 
 
-def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
+OPENAI_PREFIX = "/v1"
+
+
+def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     headers: dict[str, str] = {}
+    param: str | None = None
     if isinstance(exc, ServiceError):
-        status, detail = exc.status_code, exc.detail
+        status, detail, param = exc.status_code, exc.detail, exc.param
         if exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
         if isinstance(exc, UnauthorizedError):
             headers["WWW-Authenticate"] = "Bearer"
     elif isinstance(exc, ValidationException):
-        status, detail = _describe_validation(exc)
+        status, detail, param = _describe_validation(exc)
     elif isinstance(exc, HTTPException):
         status, detail = exc.status_code, exc.detail
         headers.update(exc.headers or {})
@@ -52,6 +69,15 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         # Unrouted requests (404, 405) never pass through the route middleware.
         request_id = request_id_from_headers(request.headers.get(REQUEST_ID_HEADER))
         headers[REQUEST_ID_HEADER] = request_id
+    path = request.url.path
+    if path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/"):
+        status = 400 if status == 422 else status
+        return Response(
+            _openai_body(status, detail, param, exc),
+            status_code=status,
+            headers=headers,
+            media_type=MediaType.JSON,
+        )
     return Response(
         ErrorResponse(detail=detail, request_id=request_id),
         status_code=status,
@@ -60,23 +86,67 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     )
 
 
-def _describe_validation(exc: ValidationException) -> tuple[int, str]:
+def openai_error_body(error: ServiceError) -> dict[str, Any]:
+    """OpenAI's error object for an error raised once a stream has begun."""
+    return _openai_body(error.status_code, error.detail, error.param, error)
+
+
+def _openai_body(status: int, detail: str, param: str | None, exc: Exception) -> dict[str, Any]:
+    if status >= 500:
+        error_type = "server_error"
+    elif status == 401:
+        error_type = "authentication_error"
+    else:
+        error_type = "invalid_request_error"
+    return {
+        "error": {
+            "message": detail,
+            "type": error_type,
+            "param": param,
+            "code": _openai_code(status, exc),
+        }
+    }
+
+
+def _openai_code(status: int, exc: Exception) -> str | None:
+    if isinstance(exc, OverloadedError):
+        return "out_of_memory" if "memory" in exc.detail else "queue_full"
+    codes: list[tuple[type[Exception], str]] = [
+        (UnauthorizedError, "invalid_api_key"),
+        (NotReadyError, "model_not_ready"),
+        (ShuttingDownError, "shutting_down"),
+        (DeadlineExceededError, "timeout"),
+    ]
+    for error_class, code in codes:
+        if isinstance(exc, error_class):
+            return code
+    return {404: "not_found", 413: "request_too_large", 415: "unsupported_media_type"}.get(status)
+
+
+def _describe_validation(exc: ValidationException) -> tuple[int, str, str | None]:
     """Name the field and the rule, e.g. `image_size: Expected int that's a multiple of 16`."""
     problems = [
         p for p in (exc.extra if isinstance(exc.extra, list) else []) if isinstance(p, dict)
     ]
     if not problems:
-        return 400, str(exc.detail)
+        return 400, str(exc.detail), None
     parts = []
+    first_key: str | None = None
     for problem in problems:
         message = str(problem.get("message", "")).replace("`", "")
         key = problem.get("key")
         if key == "data" and message == "'data'":
             # Litestar's way of saying there was no body at all.
-            return 400, "the request body is empty: send a JSON object with at least `prompt`"
+            return (
+                400,
+                "the request body is empty: send a JSON object with at least `prompt`",
+                None,
+            )
         if key == "data":
             key = None  # the error concerns the body as a whole, or names its field itself
         parts.append(f"{key}: {message}" if key else message)
+        if first_key is None and isinstance(key, str):
+            first_key = key
     detail = "; ".join(parts)
     # A body that isn't JSON is a 400; well-formed JSON that breaks a rule is a 422.
-    return (400 if detail.startswith(_MALFORMED) else 422), detail
+    return (400 if detail.startswith(_MALFORMED) else 422), detail, first_key

@@ -24,7 +24,14 @@ class GenerateRequestBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tr
     num_inference_steps: int
     cfg_scale: float
     image_size: int
+    width: int | None
+    height: int | None
     seed: int | None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height); each side defaults to `image_size`, the square shorthand."""
+        return (self.width or self.image_size, self.height or self.image_size)
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -86,6 +93,12 @@ def generate_request_type(
             ],
             min(DEFAULT_IMAGE_SIZE, max_image_size),
         ),
+        ("width", _side(max_image_size, "Width in pixels; defaults to `image_size`.") | None, None),
+        (
+            "height",
+            _side(max_image_size, "Height in pixels; defaults to `image_size`.") | None,
+            None,
+        ),
         (
             "seed",
             Annotated[
@@ -113,14 +126,40 @@ def generate_request_type(
     return request_type
 
 
+def _side(max_image_size: int, description: str) -> Any:
+    return Annotated[
+        int,
+        msgspec.Meta(
+            ge=MIN_IMAGE_SIZE,
+            le=max_image_size,
+            multiple_of=IMAGE_SIZE_STEP,
+            description=description,
+            # Litestar drops bounds on an optional field; keep them in the schema.
+            extra_json_schema={
+                "extra": {
+                    "minimum": MIN_IMAGE_SIZE,
+                    "maximum": max_image_size,
+                    "multipleOf": IMAGE_SIZE_STEP,
+                }
+            },
+        ),
+    ]
+
+
 def describe_validation_error(error: msgspec.ValidationError) -> str:
     """`Expected `int` >= 1 - at `$.num_inference_steps`` becomes
     `num_inference_steps: Expected int >= 1`: the field first, then the rule."""
+    field, message = split_validation_error(error)
+    return f"{field}: {message}" if field else message
+
+
+def split_validation_error(error: msgspec.ValidationError) -> tuple[str | None, str]:
+    """(the field at fault, msgspec's rule without its markup)."""
     message, _, path = str(error).partition(" - at `$.")
     message = message.replace("`", "")
     if not path:
-        return message
-    return f"{path.rstrip('`')}: {message}"
+        return None, message
+    return path.rstrip("`"), message
 
 
 def decode_generate_request(

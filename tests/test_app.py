@@ -58,7 +58,7 @@ def test_health_stays_503_when_the_model_fails_to_load() -> None:
         while body["status"] == "loading":
             body = wait_for_health(client, 503)
         assert body["status"] == "failed"
-        assert body["detail"] == "model failed to load (OSError)"
+        assert body["detail"] == "model failed to load: gone"
         assert client.post("/generate", json=BODY).status_code == 503
 
 

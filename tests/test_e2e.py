@@ -65,6 +65,8 @@ def test_generate_returns_a_png_with_its_parameters(client: httpx.Client) -> Non
     image = Image.open(io.BytesIO(response.content))
     assert isinstance(image, PngImageFile)
     assert image.size == (256, 256)
+    levers = image.text.pop("levers")
+    assert "compile=" in levers and "step_cache=" in levers  # how the image was made
     assert image.text == {
         "prompt": "a lighthouse at dusk",
         "negative_prompt": "blur",

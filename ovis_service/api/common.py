@@ -1,0 +1,107 @@
+"""Pieces every API surface uses: the JSON guard, seeds, request log fields, encoding."""
+
+import asyncio
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from ovis_service.config import Settings
+from ovis_service.errors import UnsupportedMediaTypeError
+from ovis_service.imaging import ImageFormat, encode_image
+from ovis_service.schemas import MAX_SEED, GenerationParams
+from ovis_service.worker import InferenceWorker, JobOutcome
+
+logger = structlog.get_logger(__name__)
+
+
+def require_json_body(
+    connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
+) -> None:
+    """Refuse a body that does not say it is JSON, before it is read. Besides a clear message
+    for `curl -d` without a header, this keeps browsers from sending "simple" cross-site
+    requests (text/plain, forms) that would make the GPU work for another site's page."""
+    media_type = connection.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            "Content-Type must be application/json, got "
+            + (repr(media_type) if media_type else "none")
+        )
+
+
+def draw_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def bind_request_fields(
+    params: GenerationParams, settings: Settings, request_id: str, **extra: object
+) -> dict[str, object]:
+    """The fields of the request's log line, bound for the error handler's line too."""
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "seed": params.seed,
+        "width": params.width,
+        "height": params.height,
+        "steps": params.num_inference_steps,
+        "cfg_scale": params.cfg_scale,
+        "prompt_chars": len(params.prompt),
+        **extra,
+    }
+    if settings.log_prompts:
+        fields.update(prompt=params.prompt, negative_prompt=params.negative_prompt)
+    structlog.contextvars.bind_contextvars(**fields)
+    return fields
+
+
+async def encode_outcome(
+    outcome: JobOutcome,
+    params: GenerationParams,
+    settings: Settings,
+    image_format: ImageFormat,
+    *,
+    quality: int | None = None,
+    levers: Mapping[str, str] | None = None,
+) -> tuple[bytes, float]:
+    """(file bytes, seconds spent). Encoding runs off both the event loop and the inference
+    thread, which is already busy with the next job."""
+    started = time.perf_counter()
+    data = await asyncio.to_thread(
+        encode_image,
+        outcome.result.image,
+        params,
+        settings.model,
+        image_format=image_format,
+        quality=quality if quality is not None else quality_for(image_format, settings),
+        levers=levers,
+    )
+    return data, time.perf_counter() - started
+
+
+def levers_in_force(worker: InferenceWorker) -> Mapping[str, str]:
+    """The speed levers the loaded engine reports, for the image's metadata."""
+    info = worker.snapshot().info
+    levers: Mapping[str, str] = getattr(info, "levers", None) or {}
+    return levers
+
+
+def quality_for(image_format: ImageFormat, settings: Settings) -> int:
+    return settings.webp_quality if image_format == "webp" else settings.jpeg_quality
+
+
+def log_completed(
+    outcome: JobOutcome, encode_seconds: float, fields: dict[str, object], **extra: object
+) -> None:
+    logger.info(
+        "request_completed",
+        status=200,
+        queue_s=round(outcome.queue_seconds, 4),
+        generation_s=round(outcome.generation_seconds, 4),
+        encode_s=round(encode_seconds, 4),
+        prompt_truncated=outcome.result.prompt_truncated,
+        **fields,
+        **extra,
+    )

@@ -1,0 +1,198 @@
+"""OpenAI's Images API on the wire, as the official `openai` SDK and Open WebUI speak it.
+
+Every field but `prompt` is optional, and `null` means "not set" (some gateways send it). Unknown
+fields are ignored rather than refused: clients add fields faster than servers learn them. The
+extensions `negative_prompt`, `num_inference_steps`, `guidance_scale` and `seed` are the names
+vLLM-Omni and SGLang use, so one client configuration works against all three.
+"""
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from ovis_service.schemas import (
+    IMAGE_SIZE_STEP,
+    MAX_CFG_SCALE,
+    MAX_SEED,
+    MIN_IMAGE_SIZE,
+    NOT_BLANK_PATTERN,
+)
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+MAX_PARTIAL_IMAGES = 3
+
+
+class ImagesRequestBase(msgspec.Struct, kw_only=True):
+    """The fields come from `images_request_type`, which bakes the configured limits in."""
+
+    prompt: str
+    model: str | None
+    n: int | None
+    size: str | None
+    response_format: str | None
+    output_format: OutputFormat | None
+    output_compression: int | None
+    background: str | None
+    quality: str | None
+    style: str | None
+    moderation: str | None
+    user: str | None
+    stream: bool | None
+    partial_images: int | None
+    negative_prompt: str | None
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    seed: int | None
+
+
+def _bounded(low: int | float, high: int | float, description: str) -> Any:
+    kind = float if isinstance(low, float) else int
+    return Annotated[
+        kind,
+        msgspec.Meta(
+            ge=low,
+            le=high,
+            description=description,
+            # Litestar drops bounds of 0 on optional fields; keep them in the schema.
+            extra_json_schema={"extra": {"minimum": low, "maximum": high}},
+        ),
+    ]
+
+
+def images_request_type(
+    *, max_prompt_chars: int, max_steps: int, max_images: int
+) -> type[ImagesRequestBase]:
+    text = Annotated[str, msgspec.Meta(max_length=max_prompt_chars)]
+    optional_text = Annotated[str, msgspec.Meta(max_length=256)] | None
+    fields: list[tuple[str, Any, Any]] = [
+        (
+            "prompt",
+            Annotated[
+                str,
+                msgspec.Meta(
+                    min_length=1,
+                    max_length=max_prompt_chars,
+                    description="What to draw. Must not be blank.",
+                    extra_json_schema={"extra": {"pattern": NOT_BLANK_PATTERN}},
+                ),
+            ],
+            msgspec.NODEFAULT,
+        ),
+        ("model", optional_text, None),
+        ("n", _bounded(1, max_images, "How many images.") | None, None),
+        (
+            "size",
+            Annotated[
+                str,
+                msgspec.Meta(
+                    max_length=16,
+                    description='"auto" (1024x1024) or "WxH", each side a multiple of 16.',
+                ),
+            ]
+            | None,
+            None,
+        ),
+        ("response_format", Literal["b64_json", "url"] | None, None),
+        ("output_format", Literal["png", "jpeg", "webp"] | None, None),
+        (
+            "output_compression",
+            _bounded(0, 100, "JPEG/WebP quality, 0-100.") | None,
+            None,
+        ),
+        ("background", Literal["auto", "opaque", "transparent"] | None, None),
+        ("quality", optional_text, None),
+        ("style", optional_text, None),
+        ("moderation", optional_text, None),
+        ("user", optional_text, None),
+        ("stream", bool | None, None),
+        (
+            "partial_images",
+            _bounded(0, MAX_PARTIAL_IMAGES, "Previews streamed before each image.") | None,
+            None,
+        ),
+        ("negative_prompt", text | None, None),
+        ("num_inference_steps", _bounded(1, max_steps, "Denoising steps.") | None, None),
+        (
+            "guidance_scale",
+            _bounded(0.0, MAX_CFG_SCALE, "Guidance scale; 1 or less turns guidance off.") | None,
+            None,
+        ),
+        (
+            "seed",
+            _bounded(0, MAX_SEED, "Seed of the first image; image i uses seed + i.") | None,
+            None,
+        ),
+    ]
+    request_type: type[ImagesRequestBase] = msgspec.defstruct(  # type: ignore[assignment]
+        "ImagesGenerateRequest", fields, bases=(ImagesRequestBase,), kw_only=True
+    )
+    return request_type
+
+
+def parse_size(size: str | None, default: int, max_image_size: int) -> tuple[int, int]:
+    """(width, height) from `"auto"` or `"WxH"`; `ValueError` with the allowed range otherwise.
+    A size is never silently changed."""
+    if size is None or size == "auto":
+        return default, default
+    rule = (
+        f'size must be "auto" or "WIDTHxHEIGHT" with each side a multiple of '
+        f"{IMAGE_SIZE_STEP} from {MIN_IMAGE_SIZE} to {max_image_size}, got {size!r}"
+    )
+    match = _SIZE.fullmatch(size)
+    if match is None:
+        raise ValueError(rule)
+    width, height = int(match[1]), int(match[2])
+    for side in (width, height):
+        if not MIN_IMAGE_SIZE <= side <= max_image_size or side % IMAGE_SIZE_STEP:
+            raise ValueError(rule)
+    return width, height
+
+
+class ImageData(msgspec.Struct, kw_only=True):
+    b64_json: str
+    revised_prompt: str | None
+    seed: int
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    input_tokens_details: dict[str, int] = msgspec.field(
+        default_factory=lambda: {"image_tokens": 0, "text_tokens": 0}
+    )
+
+
+class ImagesResponse(msgspec.Struct, kw_only=True):
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str
+    quality: str
+    background: str
+    usage: Usage
+
+
+class OpenAIError(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorResponse(msgspec.Struct, kw_only=True):
+    error: OpenAIError
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[ModelCard]
