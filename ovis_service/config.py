@@ -66,6 +66,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_steps: PositiveInt = 100
     max_image_size: Annotated[int, msgspec.Meta(ge=256, multiple_of=16)] = 2048
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 65536
+    max_images_per_request: Annotated[int, msgspec.Meta(ge=1, le=16)] = 4
+    jpeg_quality: Annotated[int, msgspec.Meta(ge=1, le=100)] = 90
+    webp_quality: Annotated[int, msgspec.Meta(ge=1, le=100)] = 90
 
     api_keys: tuple[str, ...] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
