@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import msgspec
 import structlog
@@ -30,6 +30,7 @@ from ovis_service.api.common import (
     require_json_body,
 )
 from ovis_service.api.openai_schemas import (
+    CHOICES,
     ImageData,
     ImagesResponse,
     ModelCard,
@@ -116,6 +117,10 @@ class OpenAIController(Controller):
         except msgspec.ValidationError as exc:
             field, rule = split_validation_error(exc)
             raise _invalid(f"{field}: {rule}" if field else rule, field) from None
+        for name, allowed in CHOICES.items():
+            value = getattr(data, name)
+            if value is not None and value not in allowed:
+                raise _invalid(f"{name} must be one of {', '.join(allowed)}; got {value!r}", name)
         if not data.prompt.strip():
             raise _invalid("prompt must contain at least one non-whitespace character", "prompt")
         if data.response_format == "url":
@@ -153,7 +158,7 @@ class OpenAIController(Controller):
             )
             for index in range(count)
         ]
-        image_format: ImageFormat = data.output_format or "png"
+        image_format = cast(ImageFormat, data.output_format or "png")
         quality = (
             data.output_compression
             if data.output_compression is not None

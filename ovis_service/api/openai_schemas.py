@@ -32,7 +32,7 @@ class ImagesRequestBase(msgspec.Struct, kw_only=True):
     n: int | None
     size: str | None
     response_format: str | None
-    output_format: OutputFormat | None
+    output_format: str | None
     output_compression: int | None
     background: str | None
     quality: str | None
@@ -45,6 +45,22 @@ class ImagesRequestBase(msgspec.Struct, kw_only=True):
     num_inference_steps: int | None
     guidance_scale: float | None
     seed: int | None
+
+
+RESPONSE_FORMATS = ("b64_json", "url")
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = ("png", "jpeg", "webp")
+BACKGROUNDS = ("auto", "opaque", "transparent")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "response_format": RESPONSE_FORMATS,
+    "output_format": OUTPUT_FORMATS,
+    "background": BACKGROUNDS,
+}
+
+
+def _choice(values: tuple[str, ...]) -> Any:
+    """A string checked by the handler against `values`, so the message can list them (msgspec
+    would only say "Invalid enum value"); the schema still shows the enum."""
+    return Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(values)})] | None
 
 
 def _bounded(low: int | float, high: int | float, description: str) -> Any:
@@ -94,14 +110,14 @@ def images_request_type(
             | None,
             None,
         ),
-        ("response_format", Literal["b64_json", "url"] | None, None),
-        ("output_format", Literal["png", "jpeg", "webp"] | None, None),
+        ("response_format", _choice(RESPONSE_FORMATS), None),
+        ("output_format", _choice(OUTPUT_FORMATS), None),
         (
             "output_compression",
             _bounded(0, 100, "JPEG/WebP quality, 0-100.") | None,
             None,
         ),
-        ("background", Literal["auto", "opaque", "transparent"] | None, None),
+        ("background", _choice(BACKGROUNDS), None),
         ("quality", optional_text, None),
         ("style", optional_text, None),
         ("moderation", optional_text, None),
