@@ -16,6 +16,7 @@ from ovis_service.config import Settings, load_settings
 from ovis_service.engine import Engine
 from ovis_service.http_errors import handle_exception
 from ovis_service.logs import configure_logging
+from ovis_service.model_source import preflight
 from ovis_service.request_id import RequestIdMiddleware
 from ovis_service.schemas import GenerationParams
 from ovis_service.worker import InferenceWorker
@@ -40,12 +41,12 @@ def _warmup_params(settings: Settings) -> GenerationParams | None:
 
 
 def _default_engine(settings: Settings) -> Engine:
+    # A wrong path or hub id is reported as such, in seconds, before the device check could
+    # blame the GPU.
+    preflight(settings.model)
     # Imported here so that the app module stays free of torch for tests with fake engines.
     from ovis_service.pipeline import DiffusersEngine  # noqa: PLC0415
-    from ovis_service.pipeline.loading import preflight  # noqa: PLC0415
 
-    # A wrong path or hub id is reported as such, before the device check could blame the GPU.
-    preflight(settings.model)
     return DiffusersEngine(settings)
 
 

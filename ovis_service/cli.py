@@ -12,12 +12,15 @@ from litestar import Litestar
 
 from ovis_service.app import create_app, worker_of
 from ovis_service.config import Settings, SettingsError, load_settings
+from ovis_service.envfile import apply_env_file
 from ovis_service.logs import configure_logging
+from ovis_service.model_source import ModelLoadError
 from ovis_service.worker import InferenceWorker, WorkerState
 
 logger = structlog.get_logger(__name__)
 
 EXIT_CONFIG_ERROR = 2
+EXIT_FAILED = 1  # the model did not load, or the inference thread died
 
 
 class DrainingServer(uvicorn.Server):
@@ -67,12 +70,15 @@ def _swallow_reraised_signal(_signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    env_file = apply_env_file()
     try:
-        settings = load_settings()
+        settings = load_settings(origins=env_file.origins() if env_file else None)
     except SettingsError as exc:
         print(f"ovis-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     configure_logging(settings.log_level)
+    if env_file is not None:
+        logger.info("env_file_read", path=str(env_file.path), variables=sorted(env_file.applied))
     host = args.host or settings.host
     port = args.port or settings.port
     workers = args.workers or settings.workers
@@ -100,6 +106,9 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     except SettingsError as exc:
         print(f"ovis-service: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except ModelLoadError as exc:
+        print(f"ovis-service: model failed to load: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return run_server(app, settings, host=host, port=port)
 
 
@@ -116,9 +125,12 @@ def run_server(app: Litestar, settings: Settings, *, host: str, port: int) -> in
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    state = worker.snapshot().state
-    if state is not WorkerState.STOPPED:
-        logger.error("exited_unclean", worker_state=state.value)
-        return 1
+    snapshot = worker.snapshot()
+    if snapshot.state is not WorkerState.STOPPED:
+        logger.error("exited_unclean", worker_state=snapshot.state.value)
+        if snapshot.state is WorkerState.FAILED and snapshot.detail:
+            # The one line an operator reads first; the log above has the rest.
+            print(f"ovis-service: {snapshot.detail}", file=sys.stderr)
+        return EXIT_FAILED
     logger.info("exited_clean")
     return 0

@@ -4,7 +4,9 @@ msgspec does the parsing and the range checks, so a bad value stops startup with
 names the variable and the rule it broke.
 """
 
+import difflib
 import os
+import typing
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
@@ -79,6 +81,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 # Settings that are not a plain field of the same name.
 _ALIASES = {"API_KEY": "api_keys", "API_KEYS": "api_keys"}
 _FIELDS = set(Settings.__struct_fields__)
+# What a boolean setting accepts, in any case; compose files and shells spell them all.
+_BOOL_SPELLINGS = {
+    "true": True,
+    "false": False,
+    "1": True,
+    "0": False,
+    "yes": True,
+    "no": False,
+    "on": True,
+    "off": False,
+}
+# The rule behind each regex, in words an operator can act on.
+_PATTERN_HINTS = {
+    "device": "one of auto, cpu, cuda or cuda:N",
+    "devices": "auto, or a comma list of cpu, cuda and cuda:N (e.g. cuda:0,cuda:1)",
+}
 
 
 def env_name(field: str) -> str:
@@ -88,7 +106,10 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def _normalise(name: str, raw: str) -> str | list[str]:
+def _normalise(name: str, raw: str) -> str | bool | list[str]:
+    if name in _BOOL_FIELDS:
+        # Unknown spellings stay strings, so msgspec refuses them and _explain lists these.
+        return _BOOL_SPELLINGS.get(raw.strip().lower(), raw.strip())
     if name == "api_keys":
         # Several comma-separated keys let an operator rotate them without downtime.
         return [key.strip() for key in raw.split(",") if key.strip()]
@@ -99,31 +120,76 @@ def _normalise(name: str, raw: str) -> str | list[str]:
     return raw.strip()
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build settings from the environment; unknown `OVIS_*` names are refused, not ignored."""
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, origins: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings from the environment; unknown `OVIS_*` names are refused, not ignored.
+
+    `origins` maps a variable to the file its value came from (`.env`), for the error message.
+    """
     environ = os.environ if environ is None else environ
+    origins = origins or {}
     values: dict[str, object] = {}
+    names: dict[str, str] = {}  # field -> the variable that set it
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
         suffix = key[len(ENV_PREFIX) :]
         name = _ALIASES.get(suffix, suffix.lower())
         if name not in _FIELDS:
-            raise SettingsError(f"{key} is not a known setting")
+            raise SettingsError(f"{_where(key, origins)} is not a known setting{_suggest(key)}")
         if raw.strip() == "":
             continue  # An empty variable means "use the default", as in most .env files.
         values[name] = _normalise(name, raw)
+        names[name] = key
     try:
-        # strict=False lets msgspec turn "8" into 8 and "true" into True.
+        # strict=False lets msgspec turn "8" into 8.
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise SettingsError(_explain(str(exc))) from None
+        raise SettingsError(_explain(str(exc), names, origins)) from None
 
 
-def _explain(message: str) -> str:
-    """Replace msgspec's `$.queue_size` path with the variable the operator actually set."""
+def _where(key: str, origins: Mapping[str, str]) -> str:
+    origin = origins.get(key)
+    return f"{key} (set in {origin})" if origin else key
+
+
+def _suggest(key: str) -> str:
+    known = sorted({env_name(field) for field in _FIELDS} | {ENV_PREFIX + a for a in _ALIASES})
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else f"; known settings: {', '.join(known)}"
+
+
+def _explain(message: str, names: Mapping[str, str], origins: Mapping[str, str]) -> str:
+    """Replace msgspec's `$.queue_size` path with the variable the operator actually set, and
+    add what the setting accepts where msgspec's rule alone does not say."""
     text, _, path = message.rpartition(" - at `$.")
     if not path:
         return message
     field = path.rstrip("`").split("[")[0]
-    return f"{env_name(field)}: {text}"
+    return f"{_where(names.get(field, env_name(field)), origins)}: {text}{_accepted(field)}"
+
+
+def _accepted(field: str) -> str:
+    if field in _BOOL_FIELDS:
+        return "; accepted (any case): " + ", ".join(_BOOL_SPELLINGS)
+    if field in _ENUM_VALUES:
+        return "; expected one of: " + ", ".join(_ENUM_VALUES[field])
+    if field in _PATTERN_HINTS:
+        return "; expected " + _PATTERN_HINTS[field]
+    return ""
+
+
+def _field_kinds() -> tuple[frozenset[str], dict[str, tuple[str, ...]]]:
+    """The boolean fields and the allowed values of each enum field, read off `Settings`."""
+    booleans: set[str] = set()
+    enums: dict[str, tuple[str, ...]] = {}
+    for name, hint in typing.get_type_hints(Settings).items():
+        if hint is bool:
+            booleans.add(name)
+        elif typing.get_origin(hint) is Literal:
+            enums[name] = tuple(str(value) for value in typing.get_args(hint))
+    return frozenset(booleans), enums
+
+
+_BOOL_FIELDS, _ENUM_VALUES = _field_kinds()

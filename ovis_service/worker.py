@@ -384,10 +384,13 @@ class InferenceWorker:
                 slot.engine.generate(self._warmup, StepHooks(stop_check=lambda: None))
                 log.info("warmup_done", seconds=round(time.perf_counter() - warm_started, 3))
         except Exception as exc:
-            log.exception("model_load_failed", model=slot.engine.model_id)
+            # One line names the cause (the engine words it); the traceback is for DEBUG.
+            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.error("model_load_failed", model=slot.engine.model_id, cause=cause)
+            log.debug("model_load_traceback", exc_info=True)
             with self._lock:
                 slot.state = WorkerState.FAILED
-                slot.detail = f"model failed to load ({type(exc).__name__})"
+                slot.detail = f"model failed to load: {cause}"
             return False
         with self._lock:
             slot.info = info

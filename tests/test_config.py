@@ -58,3 +58,47 @@ def test_a_bad_value_names_the_variable(environ: dict[str, str], message: str) -
     with pytest.raises(SettingsError) as error:
         load_settings(environ)
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("environ", "hint"),
+    [
+        ({"OVIS_WARMUP": "maybe"}, "accepted (any case): true, false, 1, 0, yes, no, on, off"),
+        ({"OVIS_LOG_LEVEL": "TRACE"}, "expected one of: DEBUG, INFO, WARNING, ERROR"),
+        ({"OVIS_OFFLOAD": "gpu"}, "expected one of: auto, none, model, sequential"),
+        ({"OVIS_DTYPE": "fp8"}, "expected one of: auto, bfloat16, float16, float32"),
+        ({"OVIS_DEVICE": "tpu"}, "expected one of auto, cpu, cuda or cuda:N"),
+        ({"OVIS_QEUE_SIZE": "4"}, "; did you mean OVIS_QUEUE_SIZE?"),
+        ({"OVIS_LOGLEVEL": "INFO"}, "; did you mean OVIS_LOG_LEVEL?"),
+    ],
+)
+def test_a_bad_value_says_what_is_accepted(environ: dict[str, str], hint: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings(environ)
+    assert str(error.value).endswith(hint)
+
+
+def test_a_name_like_no_setting_lists_the_known_ones() -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({"OVIS_ZZZ": "1"})
+    assert "known settings: OVIS_API_KEY," in str(error.value)
+    assert "OVIS_QUEUE_SIZE" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("spelling", "value"),
+    [("true", True), ("Yes", True), ("ON", True), ("1", True), ("off", False), ("0", False)],
+)
+def test_booleans_take_the_usual_spellings(spelling: str, value: bool) -> None:
+    assert load_settings({"OVIS_WARMUP": spelling}).warmup is value
+
+
+def test_an_error_names_the_file_the_value_came_from() -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({"OVIS_QUEUE_SIZE": "0"}, origins={"OVIS_QUEUE_SIZE": "/srv/ovis/.env"})
+    assert str(error.value).startswith(
+        "OVIS_QUEUE_SIZE (set in /srv/ovis/.env): Expected `int` >= 1"
+    )
+    with pytest.raises(SettingsError) as error:
+        load_settings({"OVIS_QEUE_SIZE": "2"}, origins={"OVIS_QEUE_SIZE": "/srv/ovis/.env"})
+    assert str(error.value).startswith("OVIS_QEUE_SIZE (set in /srv/ovis/.env) is not a known")

@@ -485,8 +485,13 @@ def test_a_model_that_fails_to_load_leaves_the_worker_failed() -> None:
         worker.start()
         wait_for_state(worker, WorkerState.FAILED)
     snapshot = worker.snapshot()
-    assert snapshot.detail == "model failed to load (OSError)"
-    assert any(log["event"] == "model_load_failed" for log in logs)
+    assert snapshot.detail == "model failed to load: no such model"
+    # One line names the cause; the traceback is only in the DEBUG record.
+    [failed] = [log for log in logs if log["event"] == "model_load_failed"]
+    assert failed["cause"] == "no such model"
+    assert "exc_info" not in failed
+    [trace] = [log for log in logs if log["event"] == "model_load_traceback"]
+    assert trace["log_level"] == "debug"
 
     async def scenario() -> None:
         with pytest.raises(NotReadyError):

@@ -14,6 +14,7 @@ from ovis_service.engine import EngineInfo, GenerationResult, StepHooks
 from ovis_service.pipeline import levers as levers_module
 from ovis_service.pipeline.device import describe_device, resolve_device, resolve_dtype
 from ovis_service.pipeline.levers import Levers
+from ovis_service.pipeline.loading import explained_failures, load_pretrained
 from ovis_service.pipeline.loop import MAX_SEQUENCE_LENGTH
 from ovis_service.pipeline.loop import generate as run_loop
 from ovis_service.pipeline.memory import activation_headroom, choose_offload
@@ -60,7 +61,7 @@ class DiffusersEngine:
                 pipe = pipe.to(dtype=self._dtype)
         else:
             # Loads to the CPU first: the memory mode decides how the weights reach the GPU.
-            pipe = OvisImagePipeline.from_pretrained(self.model_id, dtype=self._dtype)
+            pipe = load_pretrained(self.model_id, self._dtype)
         pipe.set_progress_bar_config(disable=True)
         offload = self._place(pipe)
         levers_module.apply(pipe, self._levers)
@@ -109,19 +110,39 @@ class DiffusersEngine:
             largest_component_bytes=max(sizes),
             headroom_bytes=activation_headroom(self._settings.max_image_size),
         )
-        logger.info(
-            "memory_mode_chosen",
-            requested=self._settings.offload,
-            chosen=offload,
-            free_vram_gib=round(free_bytes / 2**30, 2),
-            weights_gib=round(sum(sizes) / 2**30, 2),
-        )
-        if offload == "model":
-            pipe.enable_model_cpu_offload(device=self._device)
-        elif offload == "sequential":
-            pipe.enable_sequential_cpu_offload(device=self._device)
+        weights_gib = round(sum(sizes) / 2**30, 3)
+        if on_cuda:
+            logger.info(
+                "memory_mode_chosen",
+                requested=self._settings.offload,
+                chosen=offload,
+                free_vram_gib=round(free_bytes / 2**30, 2),
+                weights_gib=weights_gib,
+            )
         else:
-            pipe.to(self._device)
+            if self._settings.offload in ("model", "sequential"):
+                logger.warning(
+                    "gpu_only_setting_ignored",
+                    setting="OVIS_OFFLOAD",
+                    value=self._settings.offload,
+                    reason="there is no GPU: offload moves weights between CPU and GPU memory",
+                )
+            logger.info(
+                "memory_mode_chosen",
+                requested=self._settings.offload,
+                chosen=offload,
+                device="cpu",
+                note="no GPU: every weight stays in CPU memory, so there is nothing to offload",
+                weights_gib=weights_gib,
+            )
+        # Moving the weights is where a GPU that is too small runs out of memory.
+        with explained_failures(self.model_id):
+            if offload == "model":
+                pipe.enable_model_cpu_offload(device=self._device)
+            elif offload == "sequential":
+                pipe.enable_sequential_cpu_offload(device=self._device)
+            else:
+                pipe.to(self._device)
         return offload
 
     def generate(self, params: GenerationParams, hooks: StepHooks) -> GenerationResult:

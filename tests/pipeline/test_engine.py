@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 from ovis_service.config import Settings, SettingsError
 from ovis_service.engine import StepHooks
@@ -161,3 +162,20 @@ def test_an_explicit_device_overrides_the_setting() -> None:
     engine.release()
     with pytest.raises(SettingsError, match="OVIS_DEVICE=cuda:1, but no CUDA device"):
         DiffusersEngine(Settings(model="tiny"), device="cuda:1")
+
+
+def test_on_a_cpu_the_memory_mode_line_says_so_and_a_gpu_setting_is_named() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    engine = DiffusersEngine(Settings(model="tiny", device="cpu", offload="model"))
+    with capture_logs() as logs:
+        info = engine.load()
+    assert info.offload == "none"
+    [ignored] = [log for log in logs if log["event"] == "gpu_only_setting_ignored"]
+    assert ignored["log_level"] == "warning"
+    assert (ignored["setting"], ignored["value"]) == ("OVIS_OFFLOAD", "model")
+    [mode] = [log for log in logs if log["event"] == "memory_mode_chosen"]
+    assert mode["device"] == "cpu"
+    assert mode["chosen"] == "none"
+    assert mode["note"].startswith("no GPU")
+    assert "free_vram_gib" not in mode

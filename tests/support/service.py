@@ -89,6 +89,9 @@ def run_service(
             "OVIS_PORT": str(port),
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            # The service runs in tmp_path, where no developer's `.env` can reach it; this
+            # keeps `tests.support` importable from there.
+            "PYTHONPATH": str(REPO_ROOT),
         }
     )
     full_env.update(env or {})
@@ -96,7 +99,7 @@ def run_service(
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             command or TINY_COMMAND,
-            cwd=REPO_ROOT,
+            cwd=tmp_path,
             env=full_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
