@@ -51,6 +51,8 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     elif isinstance(exc, HTTPException):
         status, detail = exc.status_code, exc.detail
         headers.update(exc.headers or {})
+        if status == 413:
+            detail = _too_large(request)
     elif isinstance(exc, RecursionError):
         # Litestar first parses the body without a type, one recursion per nesting level, so a
         # small body of `[[[[...` ends here: the client's mistake, not a server error.
@@ -121,6 +123,12 @@ def _openai_code(status: int, exc: Exception) -> str | None:
         if isinstance(exc, error_class):
             return code
     return {404: "not_found", 413: "request_too_large", 415: "unsupported_media_type"}.get(status)
+
+
+def _too_large(request: Request[Any, Any, Any]) -> str:
+    """Name the limit, so the client knows how far to shrink the body."""
+    limit = request.route_handler.resolve_request_max_body_size()
+    return f"the request body is larger than the limit of {limit} bytes (OVIS_MAX_BODY_BYTES)"
 
 
 def _describe_validation(exc: ValidationException) -> tuple[int, str, str | None]:
