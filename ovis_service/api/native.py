@@ -10,7 +10,6 @@ from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body
-from litestar.response import ServerSentEvent
 
 from ovis_service import jobs
 from ovis_service.api.common import (
@@ -21,7 +20,7 @@ from ovis_service.api.common import (
     log_completed,
     require_json_body,
 )
-from ovis_service.api.streaming import native_events
+from ovis_service.api.streaming import EventStream, native_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, NotAcceptableError
 from ovis_service.imaging import FORMATS, MEDIA_TYPES, ImageFormat
@@ -97,7 +96,7 @@ class NativeController(Controller):
         request: Request[Any, Any, Any],
         worker: NamedDependency[InferenceWorker],
         settings: NamedDependency[Settings],
-    ) -> Response[bytes] | ServerSentEvent:
+    ) -> Response[bytes] | EventStream:
         """Generate one image. The seed used comes back in `X-Seed`."""
         # Litestar has already parsed `data`, but leniently ("5" passes as 5); the API promises
         # that a wrong type is refused, so the cached raw body is decoded again, strictly.
@@ -126,7 +125,7 @@ class NativeController(Controller):
             watch=image_format is None,
         )
         if image_format is None:
-            return ServerSentEvent(
+            return EventStream(
                 native_events(generation, params, settings, worker, fields),
                 headers={"X-Seed": str(params.seed)},
             )

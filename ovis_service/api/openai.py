@@ -17,7 +17,6 @@ from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, FromPath
-from litestar.response import ServerSentEvent
 
 from ovis_service import jobs
 from ovis_service.api.common import (
@@ -39,7 +38,7 @@ from ovis_service.api.openai_schemas import (
     Usage,
     parse_size,
 )
-from ovis_service.api.streaming import openai_events
+from ovis_service.api.streaming import EventStream, openai_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, NotFoundError
 from ovis_service.http_errors import openai_error_body
@@ -108,7 +107,7 @@ class OpenAIController(Controller):
         request: Request[Any, Any, Any],
         worker: NamedDependency[InferenceWorker],
         settings: NamedDependency[Settings],
-    ) -> Response[ImagesResponse] | ServerSentEvent:
+    ) -> Response[ImagesResponse] | EventStream:
         """`client.images.generate(...)` of the `openai` SDK, with `stream=True` too. Extensions:
         `negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed`."""
         try:
@@ -185,7 +184,7 @@ class OpenAIController(Controller):
         )
         headers = {"X-Seed": str(params[0].seed)}
         if data.stream:
-            return ServerSentEvent(
+            return EventStream(
                 openai_events(
                     generation,
                     params,

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import structlog
-from litestar.response import ServerSentEventMessage
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from ovis_service.api.common import encode_outcome, levers_in_force, log_completed
 from ovis_service.config import Settings
@@ -28,6 +28,15 @@ from ovis_service.schemas import GenerationParams
 from ovis_service.worker import InferenceWorker
 
 logger = structlog.get_logger(__name__)
+
+
+class EventStream(ServerSentEvent):
+    """Litestar lets a handler's declared media type override a stream's own; `/generate`
+    declares `image/png` for its usual answer, so the event stream insists on its own type."""
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["media_type"] = self.media_type
+        return super().to_asgi_response(*args, **kwargs)
 
 
 def _json(payload: Mapping[str, Any]) -> str:

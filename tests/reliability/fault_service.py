@@ -25,7 +25,7 @@ import structlog
 from ovis_service.app import create_app
 from ovis_service.cli import run_server
 from ovis_service.config import load_settings
-from ovis_service.engine import GenerationResult, StopCheck
+from ovis_service.engine import GenerationResult, StepHooks
 from ovis_service.errors import ServiceError
 from ovis_service.logs import configure_logging
 from ovis_service.schemas import GenerationParams
@@ -42,7 +42,7 @@ class FaultEngine(FakeEngine):
         self.stall_seconds = stall_seconds
         self._poisoned = False
 
-    def generate(self, params: GenerationParams, stop_check: StopCheck) -> GenerationResult:
+    def generate(self, params: GenerationParams, hooks: StepHooks) -> GenerationResult:
         # The prompt of a test request is a label such as `queued-2`; this is a test engine, so
         # logging it is fine (the service itself does not log prompts by default).
         label = params.prompt
@@ -54,7 +54,7 @@ class FaultEngine(FakeEngine):
         try:
             if label.startswith("stall"):
                 time.sleep(self.stall_seconds)
-            result = super().generate(params, stop_check)
+            result = super().generate(params, hooks)
         except ServiceError as exc:
             logger.info(
                 "engine_stopped",

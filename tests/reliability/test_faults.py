@@ -2,6 +2,7 @@
 into the real app and server, over HTTP. After each one the service must keep serving, work
 that was cancelled must not be done, and the log must say what happened."""
 
+import math
 import socket
 import threading
 import time
@@ -132,6 +133,50 @@ def test_a_client_that_disconnects_while_running_stops_the_generation(
         "disconnected while running",
         f"stopped after {stopped['steps_done']}/{steps} steps, "
         f"{stop_seconds * 1000:.0f} ms after the hang-up (step = {STEP * 1000:.0f} ms)",
+    )
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/images/generations"])
+def test_a_client_that_hangs_up_mid_stream_stops_the_generation(
+    faults: ServiceProcess, figures: FigureBook, path: str
+) -> None:
+    steps = 100  # 5 s of work if nobody stopped it
+    label = f"stream-leaver{path.replace('/', '-')}"
+    body = {"prompt": label, "num_inference_steps": steps, "image_size": 256}
+    if path.startswith("/v1"):
+        body = {"prompt": label, "num_inference_steps": steps, "size": "256x256", "stream": True}
+    with (
+        faults.client(timeout=30) as client,
+        client.stream("POST", path, json=body, headers={"Accept": "text/event-stream"}) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        # The native stream reports every step: hang up after the third. The OpenAI stream
+        # sends nothing until a preview, so hang up once the engine has started.
+        if path == "/generate":
+            seen = 0
+            for line in response.iter_lines():
+                seen += line == "event: progress"
+                if seen == 3:
+                    break
+        else:
+            wait_for_log(faults, "engine_started", label=label)
+        hung_up = time.monotonic()
+    stopped = wait_for_log(faults, "engine_stopped", label=label)
+    stop_seconds = time.monotonic() - hung_up
+    assert stopped["reason"] == "JobCancelledError"
+    # It stops at its next step: no more steps than had been reported, plus those that fit in
+    # the time the server took to notice, plus the one under way.
+    reported = 3 if path == "/generate" else 0
+    assert stopped["steps_done"] <= reported + math.ceil(stop_seconds / STEP) + 1
+    with faults.client() as client:
+        wait_until(lambda: client.get("/health").json()["running"] == 0)
+    assert_still_serving(faults, NORMAL)
+    figures.add(
+        "4 faults",
+        f"hung up mid-stream ({path})",
+        f"stopped after {stopped['steps_done']}/{steps} steps, "
+        f"{stop_seconds * 1000:.0f} ms after the hang-up",
     )
 
 
