@@ -179,3 +179,18 @@ def test_rolling_update_fits_the_gpus(
 def test_overlay_moves_everything_into_its_namespace(overlay: list[Manifest]) -> None:
     assert {m["metadata"].get("namespace") for m in overlay} == {"ovis"}
     assert container(overlay)["image"] == "registry.example.com/ovis-service:0.1.0"
+
+
+def test_docs_show_the_query_and_the_numbers_in_use(base: list[Manifest]) -> None:
+    """docs/deploy.md explains the sizing with the base's values; keep them in step."""
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    trigger = only(base, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    assert f"\n{trigger['query']}\n" in docs
+    env = literal_env(base)
+    pre_stop = container(base)["lifecycle"]["preStop"]["exec"]["command"][1]
+    grace = pod_spec(base)["terminationGracePeriodSeconds"]
+    assert f"`T = 1 + 2 = {trigger['threshold']}`" in docs
+    assert f"`Q = {env['OVIS_QUEUE_SIZE']}`" in docs
+    assert f"({env['OVIS_DRAIN_TIMEOUT']} s;" in docs
+    drain = env["OVIS_DRAIN_TIMEOUT"]
+    assert re.search(rf"\b{grace}\s+>\s+{pre_stop}\s+\+\s+{drain}\s", docs)
