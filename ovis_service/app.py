@@ -12,6 +12,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from ovis_service.api import ROUTE_HANDLERS, signature_namespace
 from ovis_service.api.dependencies import DEPENDENCIES, SETTINGS_STATE_KEY, WORKER_STATE_KEY
 from ovis_service.api.docs import SCHEMA_PATH, docs_router, swagger_ui
+from ovis_service.api.page import page_router
 from ovis_service.auth import ApiKeyGuard
 from ovis_service.config import Settings, load_settings
 from ovis_service.engine import Engine
@@ -85,7 +86,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         security = [{"bearer": []}]
 
     app = Litestar(
-        route_handlers=[*ROUTE_HANDLERS, docs_router],
+        route_handlers=[*ROUTE_HANDLERS, docs_router, page_router],
         dependencies=DEPENDENCIES,
         signature_namespace=signature_namespace(settings),
         lifespan=[lifespan],
