@@ -82,12 +82,18 @@ def test_an_unexpected_failure_is_a_generic_500_with_the_request_id(
     assert client.post("/generate", json=BODY).status_code == 200
 
 
-def test_out_of_memory_is_a_503_with_retry_after(client: TestClient) -> None:  # type: ignore[type-arg]
-    response = client.post("/generate", json={**BODY, "prompt": "oom please"})
-    assert response.status_code == 503
-    assert "ran out of memory" in response.json()["detail"]
-    assert int(response.headers["retry-after"]) >= 1
-    assert client.post("/generate", json=BODY).status_code == 200
+def test_out_of_memory_is_a_503_with_retry_after_once_memory_was_freed() -> None:
+    engine = FakeEngine()
+    with TestClient(create_app(settings(), engine=engine)) as client:
+        wait_for_health(client, 200)
+        response = client.post("/generate", json={**BODY, "prompt": "oom please"})
+        assert response.status_code == 503
+        assert "ran out of memory" in response.json()["detail"]
+        assert int(response.headers["retry-after"]) >= 1
+        # The answer comes after the recovery, so a client that retries at once has a chance.
+        assert engine.oom_recoveries == 1
+        assert client.post("/generate", json=BODY).status_code == 200
+        assert engine.oom_recoveries == 1
 
 
 @pytest.mark.parametrize(

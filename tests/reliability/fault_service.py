@@ -10,7 +10,8 @@ plain HTTP request:
               does once an illegal memory access has poisoned the CUDA context. Nothing in the
               process can touch the GPU again, so the inference thread dies;
 - `stall...`  first spends `FAKE_STALL_SECONDS` in one step that cannot be interrupted (as a VAE
-              decode cannot), then goes on like any other prompt;
+              decode cannot), then goes on like any other prompt; with `FAKE_STALL_GATE` set,
+              the step lasts until that file exists instead, so a test decides when it ends;
 - anything else takes `FAKE_STEP_SECONDS` per step and checks `stop_check` between steps.
 
 The engine writes one log line when a generation starts and one when it ends, with the step it
@@ -19,6 +20,7 @@ reached, so that a test can prove from the outside that cancelled work was never
 
 import os
 import time
+from pathlib import Path
 
 import structlog
 
@@ -37,9 +39,12 @@ CUDA_POISONED = "CUDA error: an illegal memory access was encountered"
 
 
 class FaultEngine(FakeEngine):
-    def __init__(self, *, step_seconds: float, stall_seconds: float) -> None:
+    def __init__(
+        self, *, step_seconds: float, stall_seconds: float, stall_gate: Path | None = None
+    ) -> None:
         super().__init__(step_seconds=step_seconds)
         self.stall_seconds = stall_seconds
+        self.stall_gate = stall_gate
         self._poisoned = False
 
     def generate(self, params: GenerationParams, hooks: StepHooks) -> GenerationResult:
@@ -53,7 +58,7 @@ class FaultEngine(FakeEngine):
             raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         try:
             if label.startswith("stall"):
-                time.sleep(self.stall_seconds)
+                self._stall()
             result = super().generate(params, hooks)
         except ServiceError as exc:
             logger.info(
@@ -69,10 +74,19 @@ class FaultEngine(FakeEngine):
         logger.info("engine_finished", label=label, steps_done=self.steps_run - steps_before)
         return result
 
+    def _stall(self) -> None:
+        if self.stall_gate is None:
+            time.sleep(self.stall_seconds)
+            return
+        give_up = time.monotonic() + 120  # a test that never opens the gate fails, not hangs
+        while not self.stall_gate.exists() and time.monotonic() < give_up:
+            time.sleep(0.01)
+
     def recover_from_oom(self) -> None:
         if self._poisoned:
             raise RuntimeError(CUDA_POISONED)
         super().recover_from_oom()
+        logger.info("engine_recovered_from_oom", recoveries=self.oom_recoveries)
 
 
 def main() -> int:
@@ -81,6 +95,7 @@ def main() -> int:
     engine = FaultEngine(
         step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0.01")),
         stall_seconds=float(os.environ.get("FAKE_STALL_SECONDS", "1.0")),
+        stall_gate=Path(gate) if (gate := os.environ.get("FAKE_STALL_GATE")) else None,
     )
     app = create_app(settings, engine=engine)
     return run_server(app, settings, host=settings.host, port=settings.port)

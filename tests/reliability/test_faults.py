@@ -74,6 +74,11 @@ def test_cuda_out_of_memory_gets_503_with_retry_after_and_the_service_keeps_serv
     assert "out of memory" in response.json()["detail"]
     line = wait_for_log(faults, "job_out_of_memory", request_id="fault-oom")
     assert line["level"] == "warning"
+    # The engine freed its cache after the error, once.
+    recovered = wait_for_log(faults, "engine_recovered_from_oom")
+    assert recovered["recoveries"] == 1
+    events = [entry.get("event") for entry in faults.logs()]
+    assert events.index("job_out_of_memory") < events.index("engine_recovered_from_oom")
     assert_still_serving(faults, NORMAL)
 
 
@@ -180,14 +185,18 @@ def test_a_client_that_hangs_up_mid_stream_stops_the_generation(
     )
 
 
+DEADLINE = 1.0
+
+
 @pytest.fixture(scope="module")
 def short_deadline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    directory = tmp_path_factory.mktemp("deadline")
     env = {
         "FAKE_STEP_SECONDS": str(STEP),
-        "FAKE_STALL_SECONDS": "2.0",
-        "OVIS_REQUEST_TIMEOUT": "1.0",
+        "FAKE_STALL_GATE": str(directory / "release-stall"),
+        "OVIS_REQUEST_TIMEOUT": str(DEADLINE),
     }
-    with run_service(tmp_path_factory.mktemp("deadline"), env=env, command=FAULT_COMMAND) as svc:
+    with run_service(directory, env=env, command=FAULT_COMMAND) as svc:
         yield svc
 
 
@@ -209,8 +218,8 @@ def test_a_running_job_that_outlives_its_deadline_is_stopped_with_504(
 def test_a_job_whose_deadline_passes_while_queued_is_never_started(
     short_deadline: ServiceProcess,
 ) -> None:
-    # `stall` blocks the worker for 2 s in one step that cannot be interrupted, which is longer
-    # than the 1 s deadline of the job queued behind it.
+    # `stall` blocks the worker in one step that cannot be interrupted until the test opens
+    # its gate; the job behind it is queued, and the gate opens only once its deadline passed.
     results: dict[str, httpx.Response] = {}
 
     def run(label: str, request_id: str) -> None:
@@ -219,8 +228,18 @@ def test_a_job_whose_deadline_passes_while_queued_is_never_started(
     stall = threading.Thread(target=run, args=("stall", "fault-stall"))
     stall.start()
     wait_for_log(short_deadline, "engine_started", label="stall")
-    run("behind-stall", "fault-behind-stall")
+    behind = threading.Thread(target=run, args=("behind-stall", "fault-behind-stall"))
+    behind.start()
+    with short_deadline.client() as client:
+        wait_until(lambda: client.get("/health").json()["queue_depth"] == 1)
+    # It was queued before this point, so its deadline is at most DEADLINE from now; waiting
+    # longer can only make the outcome more certain.
+    time.sleep(DEADLINE + 0.2)
+    (short_deadline.log_path.parent / "release-stall").touch()
+    behind.join(timeout=30)
     stall.join(timeout=30)
+    assert not behind.is_alive()
+    assert not stall.is_alive()
     assert results["behind-stall"].status_code == 504
     assert results["stall"].status_code == 504  # it overran its own deadline too
     skipped = wait_for_log(short_deadline, "job_skipped", request_id="fault-behind-stall")
