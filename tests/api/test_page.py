@@ -265,6 +265,7 @@ def test_generates_with_progress_seed_download_and_a_reproducing_curl(
     playground: Playground, service: ServiceProcess, tmp_path: Path
 ) -> None:
     playground.open(key=API_KEY)
+    assert re.search(r"Ready: tiny .* 0 of 1 queued", playground.el("health").text)
     sizes = playground.size_choices()
     assert sizes[0] == 256
     assert sizes[-1] == MAX_IMAGE_SIZE
