@@ -133,7 +133,7 @@ class DiffusersEngine:
                 chosen=offload,
                 device="cpu",
                 note="no GPU: every weight stays in CPU memory, so there is nothing to offload",
-                weights_gib=weights_gib,
+                weights_mib=round(sum(sizes) / 2**20, 1),  # the tiny model's round to 0 GiB
             )
         # Moving the weights is where a GPU that is too small runs out of memory.
         with explained_failures(self.model_id):

@@ -179,3 +179,4 @@ def test_on_a_cpu_the_memory_mode_line_says_so_and_a_gpu_setting_is_named() -> N
     assert mode["chosen"] == "none"
     assert mode["note"].startswith("no GPU")
     assert "free_vram_gib" not in mode
+    assert mode["weights_mib"] > 0  # the tiny model's weights, not a rounded-away 0.0 GiB

@@ -122,7 +122,9 @@ class Soak:
         for worker in workers:
             worker.start()
         for worker in workers:
-            worker.join()
+            # Each worker checks the deadline between requests; one request more may be under way.
+            worker.join(timeout=time_limit + 120)
+        assert not any(worker.is_alive() for worker in workers), "a soak client hung"
         assert not self.problems, self.problems[:5]
         assert self.done == target, f"only {self.done} of {target} generations in {time_limit} s"
 
