@@ -14,12 +14,14 @@ plain HTTP request:
               the step lasts until that file exists instead, so a test decides when it ends;
 - anything else takes `FAKE_STEP_SECONDS` per step and checks `stop_check` between steps.
 
-The engine writes one log line when a generation starts and one when it ends, with the step it
-reached, so that a test can prove from the outside that cancelled work was never done.
+The engine writes one log line when a generation starts, one per step and one when it ends, with
+the step it reached, so that a test can wait for a step and prove from the outside that cancelled
+work was never done.
 """
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -56,10 +58,16 @@ class FaultEngine(FakeEngine):
         if label.startswith("poison"):
             self._poisoned = True
             raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+        def on_progress(done: int, total: int) -> None:
+            # Lets a test wait for a given step instead of guessing how long it takes.
+            logger.info("engine_step", label=label, steps_done=done)
+            hooks.on_progress(done, total)
+
         try:
             if label.startswith("stall"):
                 self._stall()
-            result = super().generate(params, hooks)
+            result = super().generate(params, replace(hooks, on_progress=on_progress))
         except ServiceError as exc:
             logger.info(
                 "engine_stopped",
