@@ -33,5 +33,6 @@ def signature_namespace(settings: Settings) -> dict[str, Any]:
             max_prompt_chars=settings.max_prompt_chars,
             max_steps=settings.max_steps,
             max_images=settings.max_images_per_request,
+            max_image_size=settings.max_image_size,
         ),
     }

@@ -4,11 +4,20 @@ import asyncio
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi.spec import (
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    Schema,
+)
 
 from ovis_service.config import Settings
 from ovis_service.errors import UnsupportedMediaTypeError
@@ -105,3 +114,40 @@ def log_completed(
         **fields,
         **extra,
     )
+
+
+_TEXT = Schema(type=OpenAPIType.STRING)
+# One server-sent event, as event-stream readers parse it; `data` holds the JSON payload.
+_EVENT = Schema(
+    type=OpenAPIType.OBJECT,
+    properties={
+        "event": _TEXT,
+        "data": _TEXT,
+        "id": _TEXT,
+        "retry": Schema(type=OpenAPIType.INTEGER),
+    },
+)
+
+
+def _schema_of(media_type: str) -> Schema:
+    if media_type == "text/event-stream":
+        return _EVENT
+    return Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY)
+
+
+def also_answers(*media_types: str) -> type[Operation]:
+    """An OpenAPI operation whose 200 also documents `media_types` besides the handler's own
+    (Litestar documents one media type per status; these handlers choose by Accept or by the
+    `stream` field)."""
+
+    @dataclass
+    class MultiMediaOperation(Operation):
+        def __post_init__(self) -> None:
+            ok = (self.responses or {}).get("200")
+            if isinstance(ok, OpenAPIResponse):
+                content = dict(ok.content or {})
+                for media_type in media_types:
+                    content[media_type] = OpenAPIMediaType(schema=_schema_of(media_type))
+                ok.content = content
+
+    return MultiMediaOperation

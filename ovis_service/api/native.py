@@ -13,6 +13,7 @@ from litestar.params import Body
 
 from ovis_service import jobs
 from ovis_service.api.common import (
+    also_answers,
     bind_request_fields,
     draw_seed,
     encode_outcome,
@@ -77,6 +78,7 @@ class NativeController(Controller):
         "/",
         status_code=200,
         media_type="image/png",
+        operation_class=also_answers("image/webp", "image/jpeg", EVENT_STREAM),
         summary="Generate an image",
         responses=_ERROR_RESPONSES,
         response_description="The image (PNG unless Accept asks for WebP or JPEG), with the "

@@ -20,6 +20,7 @@ from litestar.params import Body, FromPath
 
 from ovis_service import jobs
 from ovis_service.api.common import (
+    also_answers,
     bind_request_fields,
     draw_seed,
     encode_outcome,
@@ -98,6 +99,7 @@ class OpenAIController(Controller):
         "/images/generations",
         status_code=200,
         guards=[require_json_body],
+        operation_class=also_answers("text/event-stream"),
         summary="Generate images (OpenAI Images API)",
         responses=_ERRORS,
     )

@@ -57,10 +57,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Known values the service refuses with an explanation of its own (see the handler).
+REFUSED = {"response_format": "url", "background": "transparent"}
+
+
 def _choice(values: tuple[str, ...]) -> Any:
     """A string checked by the handler against `values`, so the message can list them (msgspec
-    would only say "Invalid enum value"); the schema still shows the enum."""
-    return Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(values)})] | None
+    would only say "Invalid enum value"). The schema's enum lists what is served, and null."""
+    served: list[str | None] = [v for v in values if v not in REFUSED.values()]
+    return (
+        Annotated[str, msgspec.Meta(extra_json_schema={"extra": {"enum": [*served, None]}})] | None
+    )
 
 
 def _bounded(low: int | float, high: int | float, description: str) -> Any:
@@ -77,8 +84,17 @@ def _bounded(low: int | float, high: int | float, description: str) -> Any:
     ]
 
 
+def size_pattern(max_image_size: int) -> str:
+    """`auto` or `WxH` with each side an allowed value, spelled out so that the schema (and a
+    fuzzer reading it) knows exactly which sizes are valid."""
+    sides = "|".join(
+        str(side) for side in range(MIN_IMAGE_SIZE, max_image_size + 1, IMAGE_SIZE_STEP)
+    )
+    return f"^(auto|({sides})x({sides}))$"
+
+
 def images_request_type(
-    *, max_prompt_chars: int, max_steps: int, max_images: int
+    *, max_prompt_chars: int, max_steps: int, max_images: int, max_image_size: int
 ) -> type[ImagesRequestBase]:
     text = Annotated[str, msgspec.Meta(max_length=max_prompt_chars)]
     optional_text = Annotated[str, msgspec.Meta(max_length=256)] | None
@@ -104,7 +120,10 @@ def images_request_type(
                 str,
                 msgspec.Meta(
                     max_length=16,
-                    description='"auto" (1024x1024) or "WxH", each side a multiple of 16.',
+                    description=f'"auto" (1024x1024) or "WxH", each side a multiple of '
+                    f"{IMAGE_SIZE_STEP} from {MIN_IMAGE_SIZE} to {max_image_size}.",
+                    # Schema only: parse_size gives the clearer message.
+                    extra_json_schema={"extra": {"pattern": size_pattern(max_image_size)}},
                 ),
             ]
             | None,

@@ -21,6 +21,8 @@ REQUESTS_PER_CLIENT = 40  # bounded in count...
 LOAD_SECONDS = 15.0  # ...and in time: no new request starts after this
 REQUEST_TIMEOUT = 120.0  # a request that takes longer counts as hung
 BODY = {"prompt": "a lighthouse at dusk", "num_inference_steps": 4, "image_size": 512}
+# Half the clients speak OpenAI's Images API: the same queue, the same answers.
+OPENAI_BODY = {"prompt": "a lighthouse at dusk", "num_inference_steps": 4, "size": "512x512"}
 
 
 @dataclass
@@ -38,18 +40,33 @@ def busy_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePr
         yield service
 
 
-async def _client(http: httpx.AsyncClient, outcome: Outcome, stop_at: float) -> None:
+def _served(response: httpx.Response, openai: bool) -> bool:
+    if openai:
+        return bool(response.json()["data"][0]["b64_json"])
+    return response.content.startswith(b"\x89PNG")
+
+
+def _refusal_reason(response: httpx.Response, openai: bool) -> str:
+    body = response.json()
+    return str(body["error"]["code"] if openai else body["detail"])
+
+
+async def _client(
+    http: httpx.AsyncClient, outcome: Outcome, stop_at: float, openai: bool = False
+) -> None:
+    path, body = ("/v1/images/generations", OPENAI_BODY) if openai else ("/generate", BODY)
+    full = "queue_full" if openai else "the queue is full; retry later"
     for _ in range(REQUESTS_PER_CLIENT):
         if time.monotonic() > stop_at:
             return
         started = time.monotonic()
         try:
-            response = await http.post("/generate", json=BODY)
+            response = await http.post(path, json=body)
         except httpx.HTTPError as exc:  # reset, refused, protocol error or timeout
             outcome.unexpected.append(f"{type(exc).__name__}: {exc}")
             continue
         seconds = time.monotonic() - started
-        if response.status_code == 200 and response.content.startswith(b"\x89PNG"):
+        if response.status_code == 200 and _served(response, openai):
             outcome.ok.append(seconds)
         elif response.status_code == 503:
             outcome.refused.append(seconds)
@@ -58,7 +75,7 @@ async def _client(http: httpx.AsyncClient, outcome: Outcome, stop_at: float) -> 
                 outcome.unexpected.append(f"503 without a usable Retry-After: {retry_after!r}")
             else:
                 outcome.retry_after.append(int(retry_after))
-            if response.json()["detail"] != "the queue is full; retry later":
+            if _refusal_reason(response, openai) != full:
                 outcome.unexpected.append(f"503 for another reason: {response.text}")
             # A short, jittered pause, far below what Retry-After asks: impatient clients.
             await asyncio.sleep(random.uniform(0.05, 0.25))
@@ -71,7 +88,7 @@ async def _load(base_url: str) -> Outcome:
     limits = httpx.Limits(max_connections=CLIENTS, max_keepalive_connections=CLIENTS)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=REQUEST_TIMEOUT) as http:
         stop_at = time.monotonic() + LOAD_SECONDS
-        clients = [_client(http, outcome, stop_at) for _ in range(CLIENTS)]
+        clients = [_client(http, outcome, stop_at, openai=i % 2 == 1) for i in range(CLIENTS)]
         # The whole run is bounded too: a hung request fails the test instead of stalling it.
         await asyncio.wait_for(asyncio.gather(*clients), LOAD_SECONDS + REQUEST_TIMEOUT)
     return outcome
@@ -119,7 +136,7 @@ def test_saturation_answers_every_request_with_200_or_503(
     figures.add(
         "2 saturation",
         "load",
-        f"{CLIENTS} clients, queue {QUEUE_SIZE}, 512 px x 4 steps, "
+        f"{CLIENTS} clients (half on /v1), queue {QUEUE_SIZE}, 512 px x 4 steps, "
         f"{total} requests in {wall:.1f} s",
     )
     figures.add(
