@@ -1,8 +1,6 @@
 """API docs offline: Swagger UI from our own assets; `/docs` and `/openapi.json` as elsewhere."""
 
 import json
-import os
-import shutil
 from collections.abc import Iterator
 from html.parser import HTMLParser
 
@@ -10,12 +8,12 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from ovis_service.app import create_app
 from ovis_service.config import Settings
+from tests.support.browser import headless_chromium
 from tests.support.fakes import FakeEngine
 from tests.support.service import ServiceProcess
 
@@ -97,40 +95,17 @@ def test_the_docs_need_the_key_when_one_is_set(client: TestClient[Litestar], pat
 # --- In Chromium, with every host but the service unreachable.
 
 
-def _require(program: str) -> str:
-    path = shutil.which(program)
-    if path is None:
-        message = f"{program} is missing: apt-get install chromium chromium-driver"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 @pytest.fixture(scope="module")
 def offline_browser(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[webdriver.Chrome]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = _require("chromium")
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--no-first-run",
-        # As on a GPU box without internet: no name resolves except the loopback address.
+    # As on a GPU box without internet: no name resolves except the loopback address.
+    with headless_chromium(
+        tmp_path_factory.mktemp("docs-chromium"),
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        f"--user-data-dir={tmp_path_factory.mktemp('docs-chromium')}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    browser = webdriver.Chrome(service=DriverService(_require("chromedriver")), options=options)
-    try:
+        performance_log=True,
+    ) as browser:
         yield browser
-    finally:
-        browser.quit()
 
 
 def test_the_ui_renders_offline_and_requests_nothing_elsewhere(

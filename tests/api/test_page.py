@@ -6,9 +6,7 @@ import base64
 import io
 import json
 import mimetypes
-import os
 import re
-import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +18,6 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from PIL import Image
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
@@ -28,6 +25,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from ovis_service.api.page import STATIC_DIR, page_router
 from ovis_service.auth import ApiKeyGuard
+from tests.support.browser import headless_chromium
 from tests.support.service import ServiceProcess, run_service
 
 API_KEY = "page-test-key"
@@ -85,16 +83,6 @@ def test_assets_name_no_other_host() -> None:
 # --- In Chromium, against the real service.
 
 
-def _require(program: str) -> str:
-    path = shutil.which(program)
-    if path is None:
-        message = f"{program} is missing: apt-get install chromium chromium-driver"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     env = {
@@ -109,27 +97,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
-    chromium, chromedriver = _require("chromium"), _require("chromedriver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1000,1150",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    browser = webdriver.Chrome(service=DriverService(chromedriver), options=options)
-    try:
+    with headless_chromium(
+        tmp_path_factory.mktemp("chromium-profile"), "--window-size=1000,1150"
+    ) as browser:
         yield browser
-    finally:
-        browser.quit()
 
 
 class Playground:
