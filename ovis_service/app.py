@@ -1,7 +1,7 @@
 """The app factory: settings and engine in, a Litestar app out."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import structlog
@@ -12,12 +12,14 @@ from litestar.openapi.spec import Components, SecurityScheme
 from ovis_service.api import ROUTE_HANDLERS, signature_namespace
 from ovis_service.api.dependencies import DEPENDENCIES, SETTINGS_STATE_KEY, WORKER_STATE_KEY
 from ovis_service.api.docs import SCHEMA_PATH, docs_router, swagger_ui
+from ovis_service.api.ops import metrics_route
 from ovis_service.api.page import page_router
 from ovis_service.auth import ApiKeyGuard
 from ovis_service.config import Settings, load_settings
 from ovis_service.engine import Engine
 from ovis_service.http_errors import handle_exception
 from ovis_service.logs import configure_logging
+from ovis_service.metrics import METRICS_STATE_KEY, ServiceMetrics
 from ovis_service.model_source import preflight
 from ovis_service.request_id import RequestIdMiddleware
 from ovis_service.schemas import GenerationParams
@@ -42,24 +44,42 @@ def _warmup_params(settings: Settings) -> GenerationParams | None:
     )
 
 
-def _default_engine(settings: Settings) -> Engine:
+def _default_engines(settings: Settings) -> tuple[list[Engine], list[str]]:
+    """One engine per inference thread: `OVIS_WORKERS` on each device of `OVIS_DEVICES`."""
     # A wrong path or hub id is reported as such, in seconds, before the device check could
     # blame the GPU.
     preflight(settings.model)
     # Imported here so that the app module stays free of torch for tests with fake engines.
     from ovis_service.pipeline import DiffusersEngine  # noqa: PLC0415
+    from ovis_service.pipeline.device import plan_threads  # noqa: PLC0415
 
-    return DiffusersEngine(settings)
+    devices = [str(device) for device in plan_threads(settings)]
+    return [DiffusersEngine(settings, device=device) for device in devices], devices
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Litestar:
+def create_app(
+    settings: Settings | None = None,
+    engine: Engine | None = None,
+    engines: Sequence[Engine] | None = None,
+) -> Litestar:
     """Build the service. Works as `uvicorn --factory ovis_service.app:create_app`, reading
-    `OVIS_*` from the environment."""
+    `OVIS_*` from the environment. Tests inject one `engine`, or several `engines` (one
+    inference thread each); without either, the settings say which devices get pipelines."""
     if settings is None:
         settings = load_settings()
         configure_logging(settings.log_level)
-    engine = engine if engine is not None else _default_engine(settings)
-    worker = InferenceWorker(engine, capacity=settings.queue_size, warmup=_warmup_params(settings))
+    labels: list[str] | None = None
+    if engines is None:
+        engines, labels = ([engine], None) if engine is not None else _default_engines(settings)
+    metrics = ServiceMetrics()
+    worker = InferenceWorker(
+        engines,
+        capacity=settings.queue_size,
+        warmup=_warmup_params(settings),
+        labels=labels,
+        observer=metrics,
+    )
+    metrics.watch(worker.snapshot)
 
     @asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
@@ -86,11 +106,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         security = [{"bearer": []}]
 
     app = Litestar(
-        route_handlers=[*ROUTE_HANDLERS, docs_router, page_router],
+        route_handlers=[
+            *ROUTE_HANDLERS,
+            metrics_route(public=settings.metrics_public),
+            docs_router,
+            page_router,
+        ],
         dependencies=DEPENDENCIES,
         signature_namespace=signature_namespace(settings),
         lifespan=[lifespan],
         middleware=[RequestIdMiddleware],
+        before_send=[metrics.before_send],
         guards=[ApiKeyGuard(settings.api_keys)],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=settings.max_body_bytes,
@@ -108,6 +134,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     app.state[WORKER_STATE_KEY] = worker
     app.state[SETTINGS_STATE_KEY] = settings
+    app.state[METRICS_STATE_KEY] = metrics
     return app
 
 

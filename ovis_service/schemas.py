@@ -185,16 +185,28 @@ class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
         return self.width * self.height
 
 
+class DeviceHealth(msgspec.Struct, kw_only=True):
+    """One inference thread: its device, its state, and the job it runs (`busy`)."""
+
+    thread: int
+    device: str
+    state: str  # loading, ready, busy, draining, stopped, failed or dead
+    request_id: str | None = None
+    steps_done: int | None = None
+    total_steps: int | None = None
+
+
 class HealthResponse(msgspec.Struct, kw_only=True):
     status: str
     model_loaded: bool
     queue_depth: int
     queue_capacity: int
-    running: int
+    running: int  # jobs running, over every device
     device: str | None
     model: str
     offload: str | None
     detail: str | None = None
+    devices: list[DeviceHealth] = msgspec.field(default_factory=list)
 
 
 class ErrorResponse(msgspec.Struct, kw_only=True):

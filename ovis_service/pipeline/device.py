@@ -1,9 +1,21 @@
-"""Where the pipeline runs and in which precision."""
+"""Where the pipelines run (which devices, how many copies on each) and in which precision."""
 
+from collections import Counter
+from collections.abc import Callable
+
+import structlog
 import torch
 
-from ovis_service.config import SettingsError
-from ovis_service.pipeline.tiny import TINY_MODEL_ID
+from ovis_service.config import Settings, SettingsError
+from ovis_service.pipeline.memory import (
+    WeightsSize,
+    activation_headroom,
+    check_fit,
+    estimate_weights,
+)
+from ovis_service.pipeline.tiny import TINY_MODEL_ID, build_tiny_pipeline
+
+logger = structlog.get_logger(__name__)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -39,3 +51,87 @@ def describe_device(device: torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return device.type
+
+
+def requested_devices(device: str, devices: str) -> list[str]:
+    """The device names asked for: `OVIS_DEVICES`, or `OVIS_DEVICE`, its one-device synonym."""
+    if devices != "auto" and device not in ("auto", devices):
+        raise SettingsError(
+            f"OVIS_DEVICE={device} and OVIS_DEVICES={devices} disagree; set only OVIS_DEVICES"
+        )
+    return devices.split(",") if devices != "auto" else [device]
+
+
+def resolve_devices(settings: Settings) -> list[torch.device]:
+    """One entry per listed device, repeats kept; `auto` is every visible CUDA device."""
+    names = requested_devices(settings.device, settings.devices)
+    if names == ["auto"]:
+        if torch.cuda.is_available():
+            return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+        return [resolve_device("auto", settings.model)]  # the CPU for tiny, else a refusal
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    resolved = []
+    for name in names:
+        device = torch.device(name)
+        if device.type == "cuda":
+            index = 0 if device.index is None else device.index
+            if index >= visible:
+                raise SettingsError(
+                    f"OVIS_DEVICES lists {name}, but {visible} CUDA device(s) are visible"
+                )
+            device = torch.device("cuda", index)
+        resolved.append(device)
+    return resolved
+
+
+def plan_threads(
+    settings: Settings, free_bytes: Callable[[torch.device], int] | None = None
+) -> list[torch.device]:
+    """The device of each inference thread: `OVIS_WORKERS` per listed device. Refuses to start
+    when the copies on one CUDA device do not fit its free memory (the CPU's RAM is shared with
+    everything else on the machine, so it has no such budget)."""
+    free_bytes = free_bytes or _free_cuda_bytes
+    devices = resolve_devices(settings)
+    copies = Counter(devices)
+    for device, count in copies.items():
+        total = count * settings.workers
+        if device.type != "cuda" or total <= 1:
+            continue
+        itemsize = resolve_dtype(settings.dtype, device).itemsize
+        weights = _weights(settings.model, itemsize)
+        if weights is None:
+            logger.warning(
+                "memory_check_skipped",
+                device=str(device),
+                copies=total,
+                reason="the size of the weights is unknown until they are downloaded",
+            )
+            continue
+        check_fit(
+            device=str(device),
+            copies=total,
+            free_bytes=free_bytes(device),
+            weights=weights,
+            headroom_bytes=activation_headroom(settings.max_image_size),
+            offload=settings.offload,
+            workers=settings.workers,
+            devices=settings.devices if settings.devices != "auto" else settings.device,
+        )
+    return [device for device in devices for _ in range(settings.workers)]
+
+
+def _weights(model: str, itemsize: int) -> WeightsSize | None:
+    if model == TINY_MODEL_ID:
+        pipe = build_tiny_pipeline()
+        counts = [
+            sum(p.numel() for p in part.parameters())
+            for part in pipe.components.values()
+            if isinstance(part, torch.nn.Module)
+        ]
+        return WeightsSize(sum(counts) * itemsize, max(counts) * itemsize)
+    return estimate_weights(model, itemsize)
+
+
+def _free_cuda_bytes(device: torch.device) -> int:
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)

@@ -1,6 +1,16 @@
-"""Pick a memory mode from the VRAM we measure. Pure arithmetic, so tests feed it fake figures."""
+"""Memory arithmetic: the memory mode from the VRAM we measure, and whether several copies of
+the model fit one device. Pure functions, so tests feed them fake figures."""
 
-from typing import Literal
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+from ovis_service.config import SettingsError
 
 OffloadMode = Literal["none", "model", "sequential"]
 GIB = 1024**3
@@ -36,3 +46,101 @@ def choose_offload(
     if free_bytes >= largest_component_bytes + headroom_bytes:
         return "model"
     return "sequential"
+
+
+class WeightsSize(NamedTuple):
+    total_bytes: int
+    largest_component_bytes: int
+
+
+def resident_bytes(offload: str, weights: WeightsSize) -> int:
+    """What one copy keeps on the device in a memory mode (`auto` counts as fully resident:
+    several copies on one device only pay off when none of them shuttles weights over PCIe)."""
+    if offload == "model":
+        return weights.largest_component_bytes
+    if offload == "sequential":
+        return 0
+    return weights.total_bytes
+
+
+def check_fit(
+    *,
+    device: str,
+    copies: int,
+    free_bytes: int,
+    weights: WeightsSize,
+    headroom_bytes: int,
+    offload: str,
+    workers: int,
+    devices: str,
+) -> None:
+    """Refuse to start `copies` pipelines on one device when their weights plus activation
+    headroom do not fit in its free memory. One copy always starts: the memory mode (offload)
+    is how a single copy fits a small device."""
+    if copies <= 1:
+        return
+    each = resident_bytes(offload, weights) + headroom_bytes
+    if copies * each <= free_bytes:
+        return
+    raise SettingsError(
+        f"OVIS_WORKERS={workers} with OVIS_DEVICES={devices} puts {copies} copies of the model "
+        f"on {device}: each needs "
+        f"about {each / GIB:.1f} GiB ({resident_bytes(offload, weights) / GIB:.1f} GiB of weights "
+        f"with OVIS_OFFLOAD={offload} plus {headroom_bytes / GIB:.1f} GiB of activation headroom "
+        f"for OVIS_MAX_IMAGE_SIZE), {copies * each / GIB:.1f} GiB in all, but {device} has "
+        f"{free_bytes / GIB:.1f} GiB free. Lower OVIS_WORKERS, list {device} fewer times in "
+        "OVIS_DEVICES, or lower OVIS_MAX_IMAGE_SIZE."
+    )
+
+
+# Parameter counts of Ovis-Image-7B's components (counted on the meta device from the class
+# defaults), so that the fit check works before the weights are downloaded.
+_KNOWN_PARAMETERS = {
+    "AIDC-AI/Ovis-Image-7B": {
+        "transformer": 7_370_000_000,
+        "text_encoder": 1_720_000_000,
+        "vae": 84_000_000,
+    },
+}
+
+
+def estimate_weights(model: str, bytes_per_param: int) -> WeightsSize | None:
+    """Weights of `model` in the dtype it will run in: from known counts, else from the
+    safetensors headers of a local directory or of the hub cache. None when nothing says."""
+    known = _KNOWN_PARAMETERS.get(model)
+    if known is not None:
+        return _size(known, bytes_per_param)
+    directory = Path(model)
+    if not directory.is_dir():
+        directory = _cached_snapshot(model) or directory
+    if not directory.is_dir():
+        return None
+    counts: dict[str, int] = {}
+    for path in directory.rglob("*.safetensors"):
+        component = path.relative_to(directory).parts[0] if path.parent != directory else ""
+        counts[component] = counts.get(component, 0) + _safetensors_parameters(path)
+    return _size(counts, bytes_per_param) if counts else None
+
+
+def _size(counts: dict[str, int], bytes_per_param: int) -> WeightsSize:
+    return WeightsSize(
+        total_bytes=sum(counts.values()) * bytes_per_param,
+        largest_component_bytes=max(counts.values()) * bytes_per_param,
+    )
+
+
+def _safetensors_parameters(path: Path) -> int:
+    """The parameter count in a safetensors file, from its JSON header alone."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    return sum(
+        math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__"
+    )
+
+
+def _cached_snapshot(model: str) -> Path | None:
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except (HfHubHTTPError, LocalEntryNotFoundError, ValueError, OSError):
+        return None

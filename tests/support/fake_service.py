@@ -1,6 +1,7 @@
 """Run the real app and server around a `FakeEngine`: `python -m tests.support.fake_service`.
 
-Settings come from `OVIS_*` as usual; `FAKE_STEP_SECONDS` sets how long each step takes.
+Settings come from `OVIS_*` as usual; `FAKE_STEP_SECONDS` sets how long each step takes and
+`FAKE_ENGINES` how many inference threads (one fake engine each) the pool has.
 """
 
 import os
@@ -15,8 +16,11 @@ from tests.support.fakes import FakeEngine
 def main() -> int:
     settings = load_settings()
     configure_logging(settings.log_level)
-    engine = FakeEngine(step_seconds=float(os.environ.get("FAKE_STEP_SECONDS", "0.01")))
-    app = create_app(settings, engine=engine)
+    step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.01"))
+    count = int(os.environ.get("FAKE_ENGINES", "1"))
+    app = create_app(
+        settings, engines=[FakeEngine(step_seconds=step_seconds) for _ in range(count)]
+    )
     return run_server(app, settings, host=settings.host, port=settings.port)
 
 

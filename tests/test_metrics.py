@@ -1,0 +1,170 @@
+"""/metrics, /livez and /health's devices, in process on fake engines, after real requests; the
+exposition is read back with prometheus_client's own parser."""
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from litestar.testing import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from ovis_service.app import create_app
+from ovis_service.config import Settings
+from tests.support.fakes import FakeEngine
+from tests.support.service import FAKE_COMMAND, ServiceProcess, run_service
+from tests.test_worker import GatedLoadEngine
+
+pytestmark = pytest.mark.timeout(60)
+
+BODY = {"prompt": "a fox", "num_inference_steps": 2, "image_size": 256, "seed": 5}
+WAIT = 10.0
+
+Client = TestClient  # type: ignore[type-arg]
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(model="fake", warmup=False, **overrides)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def samples(client: Client | httpx.Client, **headers: str) -> Samples:
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return parse(response.text)
+
+
+def value(found: Samples, name: str, **labels: str) -> float:
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+def wait_for(client: Client | httpx.Client, path: str, predicate: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + WAIT
+    while True:
+        body: dict[str, Any] = client.get(path).json()
+        if predicate(body):
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def pool_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The real server over two fake engines; 40 steps of 0.05 s keep a job busy for 2 s."""
+    env = {"FAKE_ENGINES": "2", "FAKE_STEP_SECONDS": "0.05", "OVIS_QUEUE_SIZE": "1"}
+    with run_service(tmp_path_factory.mktemp("pool"), env=env, command=FAKE_COMMAND) as service:
+        yield service
+
+
+def test_counters_gauges_and_histograms_follow_real_requests(pool_service: ServiceProcess) -> None:
+    with pool_service.client() as client:
+        before = samples(client)
+        assert value(before, "ovis_queue_capacity") == 1
+        assert value(before, "ovis_model_loaded") == 1
+        assert value(before, "ovis_inference_threads_alive") == 2
+        assert value(before, "ovis_rejected_total", reason="queue_full") == 0
+        assert ("process_cpu_seconds_total", ()) in before
+
+        slow = {**BODY, "num_inference_steps": 40}
+        with ThreadPoolExecutor(3) as pool:
+            posts = [pool.submit(post, pool_service, slow) for _ in range(2)]
+            wait_for(client, "/health", lambda body: body["running"] == 2)
+            posts.append(pool.submit(post, pool_service, slow))
+            health = wait_for(client, "/health", lambda body: body["queue_depth"] == 1)
+            assert [device["state"] for device in health["devices"]] == ["busy", "busy"]
+            busy = samples(client)
+            assert value(busy, "ovis_running_jobs") == 2
+            assert value(busy, "ovis_queue_depth") == 1
+            refused = client.post("/generate", json=BODY)
+            assert refused.status_code == 503
+            assert client.get("/livez").status_code == 200  # a full queue is not a dead process
+            assert [future.result(WAIT) for future in posts] == [200, 200, 200]
+        assert client.post("/generate", json={**BODY, "image_size": 100}).status_code == 422
+
+        after = samples(client)
+    assert value(after, "ovis_requests_total", endpoint="/generate", status="200") == 3
+    assert value(after, "ovis_requests_total", endpoint="/generate", status="503") == 1
+    assert value(after, "ovis_requests_total", endpoint="/generate", status="422") == 1
+    assert value(after, "ovis_rejected_total", reason="queue_full") == 1
+    assert value(after, "ovis_generation_seconds_count") == 3
+    assert value(after, "ovis_queue_wait_seconds_count") == 3
+    assert value(after, "ovis_running_jobs") == 0
+    assert value(after, "ovis_queue_depth") == 0
+
+
+def post(service: ServiceProcess, body: dict[str, Any]) -> int:
+    with service.client() as client:
+        return client.post("/generate", json=body).status_code
+
+
+def test_each_app_counts_in_its_own_registry() -> None:
+    first = create_app(settings(), engine=FakeEngine())
+    second = create_app(settings(), engine=FakeEngine())
+    with TestClient(first) as one, TestClient(second) as two:
+        wait_for(one, "/health", lambda body: body["status"] == "ok")
+        wait_for(two, "/health", lambda body: body["status"] == "ok")
+        assert one.post("/generate", json=BODY).status_code == 200
+        generated = ("ovis_requests_total", (("endpoint", "/generate"), ("status", "200")))
+        assert samples(one)[generated] == 1
+        assert generated not in samples(two)
+
+
+def test_metrics_need_the_api_key_unless_made_public() -> None:
+    with TestClient(create_app(settings(api_keys=("k1",)), engine=FakeEngine())) as client:
+        assert client.get("/metrics").status_code == 401
+        samples(client, authorization="Bearer k1")
+    public = settings(api_keys=("k1",), metrics_public=True)
+    with TestClient(create_app(public, engine=FakeEngine())) as client:
+        samples(client)
+        assert client.post("/generate", json=BODY).status_code == 401  # only /metrics opened
+
+
+def test_livez_is_200_while_loading_and_ready_and_503_once_the_model_failed() -> None:
+    engine = GatedLoadEngine()
+    with TestClient(create_app(settings(), engine=engine)) as client:
+        assert engine.load_started.wait(WAIT)
+        assert client.get("/health").status_code == 503
+        livez = client.get("/livez")
+        assert livez.status_code == 200
+        assert livez.json() == {"status": "alive", "threads": 1, "threads_alive": 1, "detail": None}
+        engine.load_gate.set()
+        wait_for(client, "/health", lambda body: body["status"] == "ok")
+        assert client.get("/livez").status_code == 200
+    broken = FakeEngine(load_error=OSError("gone"))
+    with TestClient(create_app(settings(), engine=broken)) as client:
+        body = wait_for(client, "/livez", lambda body: body["status"] != "alive")
+        assert body["status"] == "failed"
+        assert client.get("/livez").status_code == 503
+        assert value(samples(client), "ovis_model_loaded") == 0
+
+
+class _BrokenRecoveryEngine(FakeEngine):
+    def recover_from_oom(self) -> None:
+        raise RuntimeError("driver gone")
+
+
+def test_a_dead_thread_turns_livez_and_health_503_and_shows_in_devices() -> None:
+    engines = [_BrokenRecoveryEngine(), _BrokenRecoveryEngine()]
+    with TestClient(create_app(settings(), engines=engines)) as client:
+        wait_for(client, "/health", lambda body: body["status"] == "ok")
+        assert client.post("/generate", json={**BODY, "prompt": "oom kills"}).status_code == 503
+        livez = client.get("/livez")
+        assert livez.status_code == 503
+        assert livez.json()["threads_alive"] == 1
+        health = client.get("/health")
+        assert health.status_code == 503
+        assert sorted(d["state"] for d in health.json()["devices"]) == ["dead", "ready"]
+        assert value(samples(client), "ovis_inference_threads_alive") == 1
