@@ -1,11 +1,13 @@
 """`ovis-service`: run the app under uvicorn, drain on SIGTERM and exit 0."""
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
 from types import FrameType
 
+import msgspec
 import structlog
 import uvicorn
 from litestar import Litestar
@@ -58,9 +60,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", help="overrides OVIS_HOST")
     parser.add_argument("--port", type=int, help="overrides OVIS_PORT")
-    parser.add_argument("--workers", type=int, help="overrides OVIS_WORKERS; each loads the model")
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="overrides OVIS_WORKERS: pipelines (inference threads) per device, each with its "
+        "own copy of the model",
+    )
     parser.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
     return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _swallow_reraised_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -81,19 +95,21 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("env_file_read", path=str(env_file.path), variables=sorted(env_file.applied))
     host = args.host or settings.host
     port = args.port or settings.port
-    workers = args.workers or settings.workers
+    if args.workers is not None:
+        settings = msgspec.structs.replace(settings, workers=args.workers)
 
-    if args.reload or workers > 1:
-        # uvicorn starts child processes that import the app by name; each builds its own.
+    if args.reload:
+        # The reloader's child process builds the app from the environment, so the flag goes
+        # there. Workers are inference threads in this one process: no uvicorn workers.
+        os.environ["OVIS_WORKERS"] = str(settings.workers)
         uvicorn.run(
             "ovis_service.app:create_app",
             factory=True,
             host=host,
             port=port,
-            workers=None if args.reload else workers,
-            reload=args.reload,
+            reload=True,
             # Watch the package only, not the multi-gigabyte virtual environment beside it.
-            reload_dirs=[str(Path(__file__).resolve().parent)] if args.reload else None,
+            reload_dirs=[str(Path(__file__).resolve().parent)],
             log_config=None,
         )
         return 0
