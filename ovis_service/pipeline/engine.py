@@ -28,9 +28,11 @@ for _library_logging in (diffusers_logging, transformers_logging):
     _library_logging.disable_default_handler()
     _library_logging.enable_propagation()
 
-# Compile warm-up: two sizes, each with and without guidance (batch 2 and batch 1 are separate
-# graphs: torch specialises on size-1 dimensions), so that requests recompile nothing.
-_WARMUP_SIZES = ((256, 256), (512, 256))
+# Compile warm-up: with and without guidance, since batch 2 and batch 1 are separate graphs
+# (torch specialises size-1 dimensions). One size serves all others (dynamic shapes), but not
+# 256x256: its 256 image tokens equal the 256 text tokens, and torch would specialise the graph
+# on that equality, so the next size would recompile.
+_WARMUP_SIZE = (384, 256)
 _WARMUP_GUIDANCE = (5.0, 1.0)
 
 
@@ -79,18 +81,18 @@ class DiffusersEngine:
 
     def _warm_up_compile(self) -> None:
         started = time.perf_counter()
-        for width, height in _WARMUP_SIZES:
-            for guidance in _WARMUP_GUIDANCE:
-                params = GenerationParams(
-                    prompt="warm-up",
-                    negative_prompt="",
-                    num_inference_steps=2,
-                    cfg_scale=guidance,
-                    width=width,
-                    height=height,
-                    seed=0,
-                )
-                self.generate(params, StepHooks(stop_check=lambda: None))
+        width, height = _WARMUP_SIZE
+        for guidance in _WARMUP_GUIDANCE:
+            params = GenerationParams(
+                prompt="warm-up",
+                negative_prompt="",
+                num_inference_steps=2,
+                cfg_scale=guidance,
+                width=width,
+                height=height,
+                seed=0,
+            )
+            self.generate(params, StepHooks(stop_check=lambda: None))
         self._graphs_after_warmup = levers_module.compiled_graph_count()
         logger.info(
             "compile_warmup_done",

@@ -145,7 +145,7 @@ def apply(pipe: OvisImagePipeline, levers: Levers) -> None:
     and install the cache hooks before compile traces the blocks."""
     transformer: OvisImageTransformer2DModel = pipe.transformer
     if levers.quantize == "fp8":
-        _quantize_fp8(transformer)
+        quantize_fp8(transformer)
     backend = ATTENTION_BACKENDS[levers.attention]
     if backend is not None:
         transformer.set_attention_backend(backend)
@@ -162,7 +162,7 @@ def apply(pipe: OvisImagePipeline, levers: Levers) -> None:
         transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
 
 
-def _quantize_fp8(transformer: OvisImageTransformer2DModel) -> None:
+def quantize_fp8(transformer: OvisImageTransformer2DModel) -> None:
     # Imported here: torchao is an optional extra, and importing it has side effects.
     from torchao.quantization import (  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415
         Float8DynamicActivationFloat8WeightConfig,
