@@ -62,14 +62,20 @@ def requested_devices(device: str, devices: str) -> list[str]:
     return devices.split(",") if devices != "auto" else [device]
 
 
-def resolve_devices(settings: Settings) -> list[torch.device]:
+def visible_cuda_devices() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_devices(
+    settings: Settings, cuda_count: Callable[[], int] = visible_cuda_devices
+) -> list[torch.device]:
     """One entry per listed device, repeats kept; `auto` is every visible CUDA device."""
     names = requested_devices(settings.device, settings.devices)
+    visible = cuda_count()
     if names == ["auto"]:
-        if torch.cuda.is_available():
-            return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+        if visible:
+            return [torch.device("cuda", index) for index in range(visible)]
         return [resolve_device("auto", settings.model)]  # the CPU for tiny, else a refusal
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     resolved = []
     for name in names:
         device = torch.device(name)
@@ -85,13 +91,17 @@ def resolve_devices(settings: Settings) -> list[torch.device]:
 
 
 def plan_threads(
-    settings: Settings, free_bytes: Callable[[torch.device], int] | None = None
+    settings: Settings,
+    *,
+    cuda_count: Callable[[], int] = visible_cuda_devices,
+    free_bytes: Callable[[torch.device], int] | None = None,
 ) -> list[torch.device]:
     """The device of each inference thread: `OVIS_WORKERS` per listed device. Refuses to start
     when the copies on one CUDA device do not fit its free memory (the CPU's RAM is shared with
-    everything else on the machine, so it has no such budget)."""
+    everything else on the machine, so it has no such budget). Tests pass fake counts and
+    figures for the two callables."""
     free_bytes = free_bytes or _free_cuda_bytes
-    devices = resolve_devices(settings)
+    devices = resolve_devices(settings, cuda_count)
     copies = Counter(devices)
     for device, count in copies.items():
         total = count * settings.workers

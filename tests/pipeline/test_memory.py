@@ -1,8 +1,20 @@
 """The `auto` memory mode on fake VRAM figures, sized like Ovis-Image-7B in bf16."""
 
-import pytest
+from pathlib import Path
 
-from ovis_service.pipeline.memory import GIB, activation_headroom, choose_offload
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ovis_service.config import SettingsError
+from ovis_service.pipeline.memory import (
+    GIB,
+    WeightsSize,
+    activation_headroom,
+    check_fit,
+    choose_offload,
+    estimate_weights,
+)
 
 # Transformer 7.37 B params + Qwen3 1.72 B + VAE, in bf16 (two bytes per parameter).
 OVIS_WEIGHTS = int((7.37e9 + 1.72e9 + 0.08e9) * 2)
@@ -70,4 +82,54 @@ def test_the_cpu_never_offloads() -> None:
             headroom_bytes=HEADROOM_1024,
         )
         == "none"
+    )
+
+
+def fit(copies: int, free_gib: float, offload: str = "auto") -> None:
+    check_fit(
+        device="cuda:0",
+        copies=copies,
+        free_bytes=int(free_gib * GIB),
+        weights=WeightsSize(OVIS_WEIGHTS, OVIS_LARGEST),
+        headroom_bytes=HEADROOM_1024,
+        offload=offload,
+        workers=copies,
+        devices="cuda:0",
+    )
+
+
+def test_copies_fit_when_weights_plus_headroom_each_fit_the_free_memory() -> None:
+    each_gib = (OVIS_WEIGHTS + HEADROOM_1024) / GIB  # about 20.6 GiB
+    fit(3, free_gib=3 * each_gib + 0.1)
+    with pytest.raises(SettingsError) as refused:
+        fit(3, free_gib=3 * each_gib - 0.1)
+    message = str(refused.value)
+    assert "OVIS_WORKERS=3 with OVIS_DEVICES=cuda:0 puts 3 copies of the model on cuda:0" in message
+    assert f"each needs about {each_gib:.1f} GiB" in message
+    assert "Lower OVIS_WORKERS" in message
+
+
+def test_one_copy_is_left_to_the_memory_mode() -> None:
+    fit(1, free_gib=4)  # sequential offload fits a small card; no refusal here
+
+
+def test_model_offload_copies_keep_only_the_largest_component_resident() -> None:
+    each_gib = (OVIS_LARGEST + HEADROOM_1024) / GIB
+    fit(2, free_gib=2 * each_gib + 0.1, offload="model")
+    with pytest.raises(SettingsError):
+        fit(2, free_gib=2 * each_gib + 0.1, offload="none")
+
+
+def test_weights_are_read_from_safetensors_headers_in_the_requested_dtype(
+    tmp_path: Path,
+) -> None:
+    for component, shape in (("transformer", (64, 32)), ("vae", (16, 8)), ("text_encoder", (8,))):
+        (tmp_path / component).mkdir()
+        tensors = {"w": torch.zeros(shape, dtype=torch.bfloat16)}
+        save_file(tensors, tmp_path / component / "diffusion_pytorch_model.safetensors")
+    size = estimate_weights(str(tmp_path), bytes_per_param=4)
+    assert size == WeightsSize((64 * 32 + 16 * 8 + 8) * 4, 64 * 32 * 4)
+    assert estimate_weights(str(tmp_path / "missing"), 2) is None
+    assert estimate_weights("AIDC-AI/Ovis-Image-7B", 2) == WeightsSize(
+        (7_370_000_000 + 1_720_000_000 + 84_000_000) * 2, 7_370_000_000 * 2
     )
