@@ -92,6 +92,8 @@ def write_markdown(data: dict[str, Any]) -> str:
                 [[m["mode"], m["peak_vram_gib"], m["seconds_1_step"]] for m in data["memory"]],
             )
         )
+    if data.get("failed"):
+        parts.append("Failed: " + "; ".join(data["failed"]) + ".")
     if data["skipped"]:
         parts.append("Skipped: " + "; ".join(data["skipped"]) + ".")
     return "\n\n".join(parts) + "\n"

@@ -89,6 +89,7 @@ class Results:
     compile: dict[str, Any] = field(default_factory=dict)
     memory: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
 
 class Bench:
@@ -439,14 +440,14 @@ def run(plan: Plan, out: Path, sections: tuple[str, ...] = SECTIONS) -> Results:
             section()
         except Exception as exc:  # one broken lever must not cost the rest of a GPU run
             traceback.print_exc()
-            bench.skip(f"{name}: failed with {type(exc).__name__}: {str(exc)[:300]}")
-            continue
+            bench.results.failed.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
+            bench.save()
     bench.results.meta["total_seconds"] = round(time.monotonic() - bench.started, 1)
     bench.save()
     return bench.results
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(PLANS), default="full")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
@@ -467,7 +468,10 @@ def main(argv: list[str] | None = None) -> None:
     print((args.out / "speed.md").read_text())
     if results.skipped:
         print("skipped:", *results.skipped, sep="\n  ")
+    if results.failed:
+        print("FAILED:", *results.failed, sep="\n  ")
+    return 1 if results.failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
