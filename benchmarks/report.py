@@ -44,21 +44,9 @@ def write_markdown(data: dict[str, Any]) -> str:
                 r["note"],
             ]
         )
-    parts.append(
-        _table(
-            [
-                "configuration",
-                "lossless",
-                "s/image (50 steps)",
-                "s/step",
-                "vs __call__",
-                "x floor",
-                "peak VRAM GiB",
-                "note",
-            ],
-            table,
-        )
-    )
+    header = ["configuration", "lossless", "s/image (50 steps)", "s/step", "vs __call__"]
+    header += ["x floor", "peak VRAM GiB", "note"]
+    parts.append(_table(header, table) if table else "(No lever rows in this run.)")
     if comp:
         parts.append(
             _table(
