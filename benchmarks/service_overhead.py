@@ -19,8 +19,8 @@ import httpx
 
 from ovis_service.config import Settings
 from ovis_service.engine import StepHooks
+from ovis_service.imaging import encode_image
 from ovis_service.pipeline import DiffusersEngine
-from ovis_service.png import encode_png
 from ovis_service.schemas import GenerationParams
 from tests.support.service import run_service
 
@@ -41,7 +41,7 @@ def direct_seconds(engine: DiffusersEngine, size: int, steps: int, rounds: int) 
         )
         started = time.perf_counter()
         result = engine.generate(params, StepHooks(stop_check=lambda: None))
-        encode_png(result.image, params, engine.model_id)
+        encode_image(result.image, params, engine.model_id)
         timings.append(time.perf_counter() - started)
     return timings
 
