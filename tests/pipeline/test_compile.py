@@ -14,6 +14,9 @@ from ovis_service.pipeline import DiffusersEngine
 from ovis_service.schemas import GenerationParams
 from tests.support.service import ServiceProcess, run_service
 
+# The first compile takes about a minute on two quiet cores and several on busy ones.
+pytestmark = pytest.mark.timeout(900)
+
 TOLERANCE = 1  # one 8-bit level; inductor fuses float ops in another order
 # (width, height, cfg_scale). The warm-up size comes first; 256x256 has as many image tokens as
 # text tokens, the shape that would trip a specialised graph.
