@@ -50,8 +50,13 @@ class Generation:
     """One request's jobs, from the queue to their outcomes."""
 
     def __init__(
-        self, jobs: list[Job], timeout: float, events: "asyncio.Queue[StreamEvent | _JobFailed]"
+        self,
+        worker: InferenceWorker,
+        jobs: list[Job],
+        timeout: float,
+        events: "asyncio.Queue[StreamEvent | _JobFailed]",
     ) -> None:
+        self._worker = worker
         self.jobs = jobs
         self.timeout = timeout
         self._events = events
@@ -79,12 +84,18 @@ class Generation:
             gathered.cancel()
             if disconnect in done:
                 raise JobCancelledError("the client disconnected")
-            raise DeadlineExceededError("the request deadline passed")
+            raise self._deadline_passed()
         except BaseException:
             self.cancel()
             raise
         finally:
             disconnect.cancel()
+
+    def _deadline_passed(self) -> DeadlineExceededError:
+        # The worker enforces deadlines between steps and counts those; this is the backstop
+        # for a step that never ends (a stuck decode), counted the same way.
+        self._worker.count_rejection("deadline")
+        return DeadlineExceededError("the request deadline passed")
 
     async def stream(self) -> AsyncIterator[StreamEvent]:
         """Progress, previews and finished images as they happen. Leaving the iteration early
@@ -98,11 +109,11 @@ class Generation:
             while pending:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise DeadlineExceededError("the request deadline passed")
+                    raise self._deadline_passed()
                 try:
                     event = await asyncio.wait_for(self._events.get(), timeout=remaining)
                 except TimeoutError:
-                    raise DeadlineExceededError("the request deadline passed") from None
+                    raise self._deadline_passed() from None
                 if isinstance(event, _JobFailed):
                     raise event.error
                 if isinstance(event, ImageDone):
@@ -164,7 +175,7 @@ def submit(
             job.on_preview = _threadsafe_put(loop, events, partial(PreviewReady, index))
         jobs.append(job)
     worker.submit_all(jobs)
-    return Generation(jobs, timeout + DEADLINE_GRACE_SECONDS, events)
+    return Generation(worker, jobs, timeout + DEADLINE_GRACE_SECONDS, events)
 
 
 def _threadsafe_put(

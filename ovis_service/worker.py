@@ -134,8 +134,9 @@ class WorkerSnapshot:
     running: int
     capacity: int
     info: EngineInfo | None  # the first thread's engine
-    detail: str | None
+    detail: str | None  # for the operator (stderr, logs): may name paths on the host
     threads: tuple[ThreadSnapshot, ...] = ()
+    public_detail: str | None = None  # for anyone who asks /health or gets a 503
 
     @property
     def threads_alive(self) -> int:
@@ -154,6 +155,7 @@ class _Slot:
     state: WorkerState = WorkerState.CREATED
     info: EngineInfo | None = None
     detail: str | None = None
+    public_detail: str | None = None
     thread: threading.Thread | None = None
     job: Job | None = None
     steps_done: int = 0
@@ -271,6 +273,10 @@ class InferenceWorker:
                 self._queued_work += job.work
                 self._queue.put_nowait(job)
 
+    def count_rejection(self, reason: RejectReason) -> None:
+        """For refusals decided outside the worker, such as a request's own deadline."""
+        self._observer.job_rejected(reason)
+
     def snapshot(self) -> WorkerSnapshot:
         with self._lock:
             threads = tuple(
@@ -291,6 +297,7 @@ class InferenceWorker:
                 capacity=self._capacity,
                 info=next((slot.info for slot in self._slots if slot.info), None),
                 detail=self._detail_locked(),
+                public_detail=self._detail_locked(public=True),
                 threads=threads,
             )
 
@@ -326,10 +333,11 @@ class InferenceWorker:
             return WorkerState.LOADING
         return WorkerState.DRAINING if self._drain_deadline is not None else WorkerState.READY
 
-    def _detail_locked(self) -> str | None:
+    def _detail_locked(self, *, public: bool = False) -> str | None:
         for slot in self._slots:
-            if slot.detail is not None:
-                return slot.detail if len(self._slots) == 1 else f"{slot.label}: {slot.detail}"
+            detail = (slot.public_detail or slot.detail) if public else slot.detail
+            if detail is not None:
+                return detail if len(self._slots) == 1 else f"{slot.label}: {detail}"
         return None
 
     def _refusal(self, state: WorkerState) -> ServiceError:
@@ -340,7 +348,7 @@ class InferenceWorker:
             self._observer.job_rejected("shutting_down")
             return ShuttingDownError("the service is shutting down", retry_after=5)
         return NotReadyError(
-            "the model is not available: " + (self._detail_locked() or state.value)
+            "the model is not available: " + (self._detail_locked(public=True) or state.value)
         )
 
     # -- the inference threads ----------------------------------------------------------------
@@ -391,6 +399,8 @@ class InferenceWorker:
             with self._lock:
                 slot.state = WorkerState.FAILED
                 slot.detail = f"model failed to load: {cause}"
+                # The cause can name paths on the host; clients only learn where to look.
+                slot.public_detail = "model failed to load; the service log names the cause"
             return False
         with self._lock:
             slot.info = info

@@ -44,7 +44,7 @@ class OpsController(Controller):
             device=info.device if info else None,
             model=info.model if info else settings.model,
             offload=info.offload if info else None,
-            detail=snapshot.detail,
+            detail=snapshot.public_detail,
             devices=[_device_health(thread, snapshot) for thread in snapshot.threads],
         )
         return Response(body, status_code=200 if ready else 503)
@@ -60,7 +60,7 @@ class OpsController(Controller):
             status=snapshot.state.value if dead else "alive",
             threads=len(snapshot.threads),
             threads_alive=snapshot.threads_alive,
-            detail=snapshot.detail if dead else None,
+            detail=snapshot.public_detail if dead else None,
         )
         return Response(body, status_code=503 if dead else 200)
 
