@@ -105,9 +105,8 @@ free_port() {
 }
 
 # wait_healthy CONTAINER URL [WORKERS]: the container's own healthcheck command (the image's
-# HEALTHCHECK, or the compose healthcheck) passes and every worker has logged model_ready (with
-# several workers, /health is answered by whichever worker takes the connection); then /health
-# answers 200 with the model loaded.
+# HEALTHCHECK, or the compose healthcheck) passes and every inference thread has logged
+# model_ready; then /health answers 200 with the model loaded.
 wait_healthy() {
     local container=$1 url=$2 workers=${3:-1} started=$SECONDS state
     while :; do
@@ -570,18 +569,21 @@ EOF
 compose() { (cd "$project" && "$podman_compose" -p "$PROJECT" "$@"); }
 compose_container() { podman ps -aq --filter "label=io.podman.compose.project=$PROJECT" | head -1; }
 
-# Production: OVIS_WORKERS=2 from .env gives two uvicorn workers, each with its own model.
+# Production: OVIS_WORKERS=2 from .env gives two inference threads in the one process (two
+# pipelines on the one device), and /health lists both.
 printf 'OVIS_WORKERS=2\n' >"$project/.env"
 compose -f compose.yaml -f smoke.override.yaml up -d --no-build >/dev/null 2> >(quiet) || fail "podman-compose up (production)"
 prod=$(compose_container)
 [[ $(podman inspect --format '{{json .Config.Cmd}}' "$prod") == '["ovis-service","--workers","2"]' ]] \
     || fail "production command: $(podman inspect --format '{{json .Config.Cmd}}' "$prod")"
 wait_healthy "$prod" "$COMPOSE_URL" 2
+threads=$(python3 -c 'import json, sys, urllib.request; print(len(json.load(urllib.request.urlopen(sys.argv[1] + "/health"))["devices"]))' "$COMPOSE_URL")
+[[ $threads == 2 ]] || fail "production /health lists $threads inference threads, not 2"
 python3 "$CLIENT" generate "$COMPOSE_URL" || fail "POST /generate (production, 2 workers)"
 stop_and_check "$prod" compose -f compose.yaml -f smoke.override.yaml stop
 compose -f compose.yaml -f smoke.override.yaml down -v >/dev/null 2> >(quiet)
 rm "$project/.env"
-pass "production mode: 2 workers, healthy (compose healthcheck) after $HEALTHY_AFTER s, a PNG, exit 0 on stop"
+pass "production mode: 2 inference threads, healthy (compose healthcheck) after $HEALTHY_AFTER s, a PNG, exit 0 on stop"
 
 # Development: the source is mounted and a change to it restarts the server.
 compose -f compose.yaml -f compose.dev.yaml -f smoke.override.yaml up -d --no-build >/dev/null 2> >(quiet) \
