@@ -1,6 +1,7 @@
 """The diffusers engine: loads OvisImagePipeline and turns job parameters into a PIL image."""
 
 import gc
+import threading
 import time
 
 import structlog
@@ -34,6 +35,8 @@ for _library_logging in (diffusers_logging, transformers_logging):
 # on that equality, so the next size would recompile.
 _WARMUP_SIZE = (384, 256)
 _WARMUP_GUIDANCE = (5.0, 1.0)
+# torch.compile is not safe to run from two threads at once; a pool loads engines side by side.
+_COMPILE_LOCK = threading.Lock()
 
 
 class DiffusersEngine:
@@ -69,7 +72,8 @@ class DiffusersEngine:
         levers_module.apply(pipe, self._levers)
         self._pipe = pipe
         if self._levers.compile != "none":
-            self._warm_up_compile()
+            with _COMPILE_LOCK:
+                self._warm_up_compile()
         logger.info("levers_in_force", **self._levers.describe())
         return EngineInfo(
             model=self.model_id,
