@@ -201,6 +201,10 @@ class DiffusersEngine:
 
     def release(self) -> None:
         self._pipe = None
+        if self._device.type == "cuda":
+            # Each inference thread's cuBLAS handle keeps a workspace (32 MiB on Hopper) in the
+            # caching allocator; measured on an H200, two threads left 66 MiB behind without this.
+            torch._C._cuda_clearCublasWorkspaces()
         self._free_cache()
 
     def _free_cache(self) -> None:
