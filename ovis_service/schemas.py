@@ -207,6 +207,8 @@ class HealthResponse(msgspec.Struct, kw_only=True):
     offload: str | None
     detail: str | None = None
     devices: list[DeviceHealth] = msgspec.field(default_factory=list)
+    # The speed levers in force (compile, attention, step cache, fp8, guidance batching).
+    levers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class ErrorResponse(msgspec.Struct, kw_only=True):

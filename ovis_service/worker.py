@@ -411,6 +411,7 @@ class InferenceWorker:
             device=info.device,
             dtype=info.dtype,
             offload=info.offload,
+            levers=info.levers,
             load_seconds=round(time.perf_counter() - started, 3),
         )
         return True

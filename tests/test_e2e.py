@@ -40,6 +40,7 @@ def test_health_reports_the_loaded_model_and_the_queue(client: httpx.Client) -> 
     assert body["queue_capacity"] == 8
     assert body["device"] == "cpu"
     assert body["model"] == "tiny"
+    assert body["levers"]["compile"] == "none"  # the levers in force, as the images say too
 
 
 def test_generate_returns_a_png_with_its_parameters(client: httpx.Client) -> None:
@@ -66,7 +67,9 @@ def test_generate_returns_a_png_with_its_parameters(client: httpx.Client) -> Non
     assert isinstance(image, PngImageFile)
     assert image.size == (256, 256)
     levers = image.text.pop("levers")
-    assert "compile=" in levers and "step_cache=" in levers  # how the image was made
+    # How the image was made.
+    assert "compile=" in levers
+    assert "step_cache=" in levers
     assert image.text == {
         "prompt": "a lighthouse at dusk",
         "negative_prompt": "blur",

@@ -46,6 +46,7 @@ class OpsController(Controller):
             offload=info.offload if info else None,
             detail=snapshot.public_detail,
             devices=[_device_health(thread, snapshot) for thread in snapshot.threads],
+            levers=dict(info.levers) if info else {},
         )
         return Response(body, status_code=200 if ready else 503)
 
@@ -91,6 +92,7 @@ def metrics_route(*, public: bool) -> HTTPRouteHandler:
     return get(
         "/metrics",
         opt={PUBLIC: public},
+        media_type=CONTENT_TYPE,
         summary="Prometheus metrics",
         cache_control=None,
     )(metrics)
