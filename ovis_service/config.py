@@ -142,6 +142,12 @@ def load_settings(
             continue  # An empty variable means "use the default", as in most .env files.
         values[name] = _normalise(name, raw)
         names[name] = key
+        if name == "api_keys" and not values[name]:
+            # "," or " , " would otherwise turn authentication off without a word.
+            raise SettingsError(
+                f"{_where(key, origins)} holds no key (only commas and spaces); leave it empty "
+                "to run without authentication"
+            )
     try:
         # strict=False lets msgspec turn "8" into 8.
         return msgspec.convert(values, Settings, strict=False)

@@ -21,6 +21,12 @@ class BadRequestError(ServiceError):
     status_code = 422
 
 
+class MalformedHeaderError(ServiceError):
+    """A header the service reads (Accept) cannot be parsed."""
+
+    status_code = 400
+
+
 class UnsupportedMediaTypeError(ServiceError):
     status_code = 415
 

@@ -35,6 +35,7 @@ _MALFORMED = ("JSON is malformed", "Input data was truncated")
 
 
 OPENAI_PREFIX = "/v1"
+_CLIENT_LEFT_MID_BODY = "client disconnected prematurely"  # Litestar's own words
 
 
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -48,6 +49,10 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
             headers["WWW-Authenticate"] = "Bearer"
     elif isinstance(exc, ValidationException):
         status, detail, param = _describe_validation(exc)
+    elif isinstance(exc, HTTPException) and exc.detail == _CLIENT_LEFT_MID_BODY:
+        # Litestar reports a client that hung up while sending its body as a 500; nobody reads
+        # this answer, and the log should not count it as a server fault.
+        status, detail = 499, "the client disconnected while sending the request body"
     elif isinstance(exc, HTTPException):
         status, detail = exc.status_code, exc.detail
         headers.update(exc.headers or {})

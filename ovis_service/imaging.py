@@ -24,6 +24,8 @@ MEDIA_TYPES: dict[ImageFormat, str] = {
 _EXIF_IMAGE_DESCRIPTION = 0x010E
 _EXIF_SOFTWARE = 0x0131
 SOFTWARE = "ovis-service"
+# Below the 65,533 bytes a JPEG segment can hold, with room for the EXIF and XMP framing.
+_JPEG_SEGMENT_BUDGET = 60_000
 
 
 def metadata_fields(
@@ -66,10 +68,12 @@ def encode_image(
             info.add_itxt(key, value)
         image.save(buffer, format="PNG", pnginfo=info, compress_level=6)
         return buffer.getvalue()
+    if image_format == "jpeg":
+        fields = _fit_jpeg_segment(fields)
     exif = Image.Exif()
     # EXIF ASCII fields are 7-bit by the letter of the standard; JSON's \\u escapes keep any
     # prompt intact inside that.
-    exif[_EXIF_IMAGE_DESCRIPTION] = json.dumps(fields, ensure_ascii=True, sort_keys=True)
+    exif[_EXIF_IMAGE_DESCRIPTION] = _exif_text(fields)
     exif[_EXIF_SOFTWARE] = SOFTWARE
     image.save(
         buffer,
@@ -79,6 +83,23 @@ def encode_image(
         xmp=_xmp_packet(fields),
     )
     return buffer.getvalue()
+
+
+def _exif_text(fields: Mapping[str, str]) -> str:
+    return json.dumps(fields, ensure_ascii=True, sort_keys=True)
+
+
+def _fit_jpeg_segment(fields: Mapping[str, str]) -> dict[str, str]:
+    """A JPEG keeps EXIF and XMP in segments of at most 64 KiB. A prompt that long (possible
+    with a raised OVIS_MAX_PROMPT_CHARS, or many characters outside the BMP, which JSON spells
+    in 12 bytes) is shortened in the metadata, and the file says so, rather than failing the
+    request after the GPU work is done."""
+    fitted = dict(fields)
+    while max(len(_exif_text(fitted)), len(_xmp_packet(fitted))) > _JPEG_SEGMENT_BUDGET:
+        for key in ("prompt", "negative_prompt"):
+            fitted[key] = fitted[key][: len(fitted[key]) // 2]
+        fitted["prompts_shortened"] = "true"
+    return fitted
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

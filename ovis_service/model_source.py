@@ -48,6 +48,14 @@ def preflight(model: str) -> None:
         check_directory(Path(model).expanduser())
 
 
+def public_model_name(model: str) -> str:
+    """What clients see of `OVIS_MODEL` (/health, /v1/models, image metadata): a hub id as it
+    is, a local directory by its last component only, since a host path says too much."""
+    if model == TINY_MODEL_ID or _is_hub_id(model):
+        return model
+    return Path(model).expanduser().name or model
+
+
 def _is_hub_id(model: str) -> bool:
     """`owner/name`, as diffusers reads it when no such directory exists."""
     if Path(model).expanduser().exists():

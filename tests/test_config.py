@@ -102,3 +102,9 @@ def test_an_error_names_the_file_the_value_came_from() -> None:
     with pytest.raises(SettingsError) as error:
         load_settings({"OVIS_QEUE_SIZE": "2"}, origins={"OVIS_QEUE_SIZE": "/srv/ovis/.env"})
     assert str(error.value).startswith("OVIS_QEUE_SIZE (set in /srv/ovis/.env) is not a known")
+
+
+@pytest.mark.parametrize("raw", [",", " , ", ",,"])
+def test_an_api_key_of_only_commas_is_refused_not_read_as_no_auth(raw: str) -> None:
+    with pytest.raises(SettingsError, match="OVIS_API_KEY holds no key"):
+        load_settings({"OVIS_API_KEY": raw})

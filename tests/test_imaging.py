@@ -75,3 +75,25 @@ def test_levers_in_force_are_named_in_the_file() -> None:
 def test_encoding_is_deterministic(image_format: ImageFormat) -> None:
     first = encode_image(image(), PARAMS, "m", image_format=image_format)
     assert first == encode_image(image(), PARAMS, "m", image_format=image_format)
+
+
+def test_a_jpeg_with_a_huge_prompt_still_encodes_and_says_it_shortened_it() -> None:
+    # 10,000 emoji: 120 kB once JSON-escaped, twice what a JPEG segment holds.
+    params = GenerationParams(
+        prompt="\U0001f98a" * 10_000,
+        negative_prompt="",
+        num_inference_steps=1,
+        cfg_scale=1.0,
+        width=64,
+        height=48,
+        seed=1,
+    )
+    data = encode_image(image(), params, "m", image_format="jpeg")
+    metadata = read_metadata(data)
+    assert metadata["prompts_shortened"] == "true"
+    assert params.prompt.startswith(metadata["prompt"])
+    assert 0 < len(metadata["prompt"]) < 10_000
+    # WebP has no such limit: the whole prompt travels.
+    assert read_metadata(encode_image(image(), params, "m", image_format="webp"))["prompt"] == (
+        params.prompt
+    )

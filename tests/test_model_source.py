@@ -8,7 +8,12 @@ import pytest
 from huggingface_hub.errors import GatedRepoError
 from structlog.testing import capture_logs
 
-from ovis_service.model_source import ModelLoadError, explain_hub_error, preflight
+from ovis_service.model_source import (
+    ModelLoadError,
+    explain_hub_error,
+    preflight,
+    public_model_name,
+)
 
 
 def refusal(model: str) -> str:
@@ -79,3 +84,19 @@ def test_a_gated_repo_without_a_token_asks_for_hf_token(monkeypatch: pytest.Monk
         "owner/gated is a gated repository: accept its terms on "
         "https://huggingface.co/owner/gated and set HF_TOKEN to a token of that account"
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "shown"),
+    [
+        ("AIDC-AI/Ovis-Image-7B", "AIDC-AI/Ovis-Image-7B"),
+        ("tiny", "tiny"),
+        ("/srv/models/ovis-image-7b", "ovis-image-7b"),
+        ("./weights/ovis", "ovis"),
+        ("~/models/ovis/", "ovis"),
+    ],
+)
+def test_clients_see_a_hub_id_whole_and_a_local_path_by_its_last_part(
+    model: str, shown: str
+) -> None:
+    assert public_model_name(model) == shown

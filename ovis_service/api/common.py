@@ -22,6 +22,7 @@ from litestar.openapi.spec import (
 from ovis_service.config import Settings
 from ovis_service.errors import UnsupportedMediaTypeError
 from ovis_service.imaging import ImageFormat, encode_image
+from ovis_service.model_source import public_model_name
 from ovis_service.schemas import MAX_SEED, GenerationParams
 from ovis_service.worker import InferenceWorker, JobOutcome
 
@@ -82,7 +83,7 @@ async def encode_outcome(
         encode_image,
         outcome.result.image,
         params,
-        settings.model,
+        public_model_name(settings.model),
         image_format=image_format,
         quality=quality if quality is not None else quality_for(image_format, settings),
         levers=levers,
@@ -151,3 +152,13 @@ def also_answers(*media_types: str) -> type[Operation]:
                 ok.content = content
 
     return MultiMediaOperation
+
+
+async def utf8_scripts(response: Any) -> Any:
+    """An `after_request` hook for static files. Python 3.10 and some `/etc/mime.types` call
+    `.js` `application/javascript` with no charset; browsers then guess the encoding, and a
+    non-ASCII character breaks the script."""
+    content_type = response.headers.get("content-type", "")
+    if "javascript" in content_type and "charset" not in content_type:
+        response.headers["content-type"] = "text/javascript; charset=utf-8"
+    return response

@@ -15,6 +15,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.response import Redirect
 from litestar.static_files import create_static_files_router
 
+from ovis_service.api.common import utf8_scripts
 from ovis_service.auth import PUBLIC
 
 ASSETS_PATH = "/docs/assets"
@@ -47,20 +48,11 @@ async def openapi_json(request: Request[Any, Any, Any]) -> Response[dict[str, An
     return Response(request.app.openapi_schema.to_schema(), media_type=OPENAPI_MEDIA_TYPE)
 
 
-async def _utf8_scripts(response: Any) -> Any:
-    """Some `/etc/mime.types` (and Python 3.10) call `.js` `application/javascript` with no
-    charset; the browser then guesses, and the bundle's non-ASCII characters break it."""
-    content_type = response.headers.get("content-type", "")
-    if "javascript" in content_type and "charset" not in content_type:
-        response.headers["content-type"] = "text/javascript; charset=utf-8"
-    return response
-
-
 assets_router = create_static_files_router(
     path=ASSETS_PATH,
     directories=[ASSETS_DIR],
     opt={PUBLIC: True},
-    after_request=_utf8_scripts,
+    after_request=utf8_scripts,
     include_in_schema=False,
     name="docs_assets",
 )

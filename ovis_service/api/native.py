@@ -23,7 +23,7 @@ from ovis_service.api.common import (
 )
 from ovis_service.api.streaming import EventStream, native_events
 from ovis_service.config import Settings
-from ovis_service.errors import BadRequestError, NotAcceptableError
+from ovis_service.errors import BadRequestError, MalformedHeaderError, NotAcceptableError
 from ovis_service.imaging import FORMATS, MEDIA_TYPES, ImageFormat
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import (
@@ -60,9 +60,14 @@ _ERROR_RESPONSES = {
 }
 
 
-def negotiate(accept: Any) -> ImageFormat | None:
+def negotiate(request: Request[Any, Any, Any]) -> ImageFormat | None:
     """The image format the client asked for, or None for the event stream."""
-    media_type = accept.best_match(_OFFERED, default=None)
+    try:
+        media_type = request.accept.best_match(_OFFERED, default=None)
+    except (ValueError, OverflowError):  # e.g. `q=1e999`, which Litestar turns into infinity
+        raise MalformedHeaderError(
+            "the Accept header could not be parsed; send e.g. `Accept: image/png`"
+        ) from None
     if media_type is None:
         raise NotAcceptableError(
             "Accept must allow one of: " + ", ".join(_OFFERED) + " (no Accept header means PNG)"
@@ -106,7 +111,7 @@ class NativeController(Controller):
             data = decode_generate_request(await request.body(), type(data))
         except msgspec.ValidationError as exc:
             raise BadRequestError(describe_validation_error(exc)) from None
-        image_format = negotiate(request.accept)
+        image_format = negotiate(request)
         width, height = data.size
         params = GenerationParams(
             prompt=data.prompt,

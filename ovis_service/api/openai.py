@@ -11,7 +11,6 @@ import time
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import msgspec
-import structlog
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
@@ -44,6 +43,7 @@ from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, NotFoundError
 from ovis_service.http_errors import openai_error_body
 from ovis_service.imaging import ImageFormat
+from ovis_service.model_source import public_model_name
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import (
     DEFAULT_IMAGE_SIZE,
@@ -57,8 +57,6 @@ from ovis_service.worker import InferenceWorker
 if TYPE_CHECKING:
     # Built at startup with the configured limits; see `images_request_type`.
     from ovis_service.api.openai_schemas import ImagesRequestBase as ImagesGenerateRequest
-
-logger = structlog.get_logger(__name__)
 
 _STARTED = int(time.time())
 _ERRORS = {
@@ -88,8 +86,9 @@ def _preview_steps(partial_images: int, steps: int) -> frozenset[int]:
 
 
 def model_card(settings: Settings) -> ModelCard:
-    owner = settings.model.split("/")[0] if "/" in settings.model else "ovis-service"
-    return ModelCard(id=settings.model, created=_STARTED, owned_by=owner)
+    name = public_model_name(settings.model)
+    owner = name.split("/")[0] if name.count("/") == 1 else "ovis-service"
+    return ModelCard(id=name, created=_STARTED, owned_by=owner or "ovis-service")
 
 
 class OpenAIController(Controller):
@@ -216,7 +215,15 @@ class OpenAIController(Controller):
     async def list_models(self, settings: NamedDependency[Settings]) -> ModelList:
         return ModelList(data=[model_card(settings)])
 
-    @get("/models/{model_id:path}", summary="One model card", responses={404: _ERRORS[400]})
+    @get(
+        "/models/{model_id:path}",
+        summary="One model card",
+        responses={
+            404: ResponseSpec(
+                data_container=OpenAIErrorResponse, description="No model by that id is served."
+            )
+        },
+    )
     async def get_model(
         self, model_id: FromPath[str], settings: NamedDependency[Settings]
     ) -> ModelCard:

@@ -9,6 +9,7 @@ from litestar.handlers import HTTPRouteHandler
 from ovis_service.auth import PUBLIC
 from ovis_service.config import Settings
 from ovis_service.metrics import CONTENT_TYPE, METRICS_STATE_KEY, ServiceMetrics
+from ovis_service.model_source import public_model_name
 from ovis_service.schemas import DeviceHealth, HealthResponse
 from ovis_service.worker import InferenceWorker, ThreadSnapshot, WorkerSnapshot, WorkerState
 
@@ -42,7 +43,7 @@ class OpsController(Controller):
             queue_capacity=snapshot.capacity,
             running=snapshot.running,
             device=info.device if info else None,
-            model=info.model if info else settings.model,
+            model=public_model_name(info.model if info else settings.model),
             offload=info.offload if info else None,
             detail=snapshot.public_detail,
             devices=[_device_health(thread, snapshot) for thread in snapshot.threads],

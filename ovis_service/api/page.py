@@ -5,12 +5,12 @@ lets the browser fetch nothing from anywhere else, so it works on an offline GPU
 """
 
 from pathlib import Path
-from typing import Any
 
 from litestar import MediaType, Response, Router, get
 from litestar.datastructures import CacheControlHeader
 from litestar.static_files import create_static_files_router
 
+from ovis_service.api.common import utf8_scripts
 from ovis_service.auth import PUBLIC
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -43,20 +43,11 @@ def page() -> Response[bytes]:
     return Response(PAGE_FILE.read_bytes(), headers=SECURITY_HEADERS)
 
 
-async def _utf8_scripts(response: Any) -> Any:
-    """Python 3.10 and some `/etc/mime.types` call `.js` `application/javascript`, which gets
-    no charset; browsers then guess the encoding, and a non-ASCII character breaks the script."""
-    content_type = response.headers.get("content-type", "")
-    if content_type.startswith("application/javascript"):
-        response.headers["content-type"] = "text/javascript; charset=utf-8"
-    return response
-
-
 static_router = create_static_files_router(
     path="/static",
     directories=[STATIC_DIR],
     opt={PUBLIC: True},
-    after_request=_utf8_scripts,
+    after_request=utf8_scripts,
     cache_control=_REVALIDATE,
     name="playground_static",
 )

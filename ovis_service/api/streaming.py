@@ -9,6 +9,7 @@ OpenAI (`"stream": true`): `image_generation.partial_image` for each preview, th
 `data: {"error": {...}}` event, which the `openai` SDK raises.
 """
 
+import asyncio
 import base64
 import json
 import time
@@ -23,6 +24,7 @@ from ovis_service.config import Settings
 from ovis_service.errors import GenerationFailedError, ServiceError
 from ovis_service.imaging import ImageFormat, encode_image
 from ovis_service.jobs import Generation, ImageDone, PreviewReady, StepDone
+from ovis_service.model_source import public_model_name
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import GenerationParams
 from ovis_service.worker import InferenceWorker
@@ -104,10 +106,12 @@ async def openai_events(
     try:
         async for event in generation.stream():
             if isinstance(event, PreviewReady):
-                preview = encode_image(
+                # Off the event loop: a large PNG takes a good part of a second to encode.
+                preview = await asyncio.to_thread(
+                    encode_image,
                     event.image,
                     params[event.index],
-                    settings.model,
+                    public_model_name(settings.model),
                     image_format=image_format,
                     quality=quality,
                     levers=levers,

@@ -64,6 +64,13 @@ def test_an_accept_allowing_no_format_is_406_naming_the_choices(client: httpx.Cl
     assert "image/webp" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("accept", ["*/*;q=1e999", "image/png;q=inf"])
+def test_an_unparsable_accept_is_a_400_not_a_crash(client: httpx.Client, accept: str) -> None:
+    response = client.post("/generate", json=QUICK, headers={"Accept": accept})
+    assert response.status_code == 400
+    assert "Accept" in response.json()["detail"]
+
+
 def test_width_and_height_make_a_non_square_image(client: httpx.Client) -> None:
     response = client.post("/generate", json={**QUICK, "width": 512, "height": 256})
     assert response.status_code == 200, response.text

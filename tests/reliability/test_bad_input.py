@@ -2,6 +2,7 @@
 requests that no schema describes. The tiny real pipeline answers the valid ones."""
 
 import json
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from schemathesis import GenerationMode
 from ovis_service.app import create_app
 from ovis_service.config import load_settings
 from tests.reliability import rawhttp
-from tests.reliability.conftest import assert_still_serving
+from tests.reliability.conftest import assert_still_serving, wait_for_log
 from tests.reliability.figures import FigureBook
 from tests.support.fakes import FakeEngine
 from tests.support.service import REPO_ROOT, ServiceProcess, run_service
@@ -297,6 +298,17 @@ def test_huge_and_odd_headers_are_answered_and_never_echoed(
 def test_broken_http_gets_400_from_the_server(fuzz_service: ServiceProcess, raw: bytes) -> None:
     response = rawhttp.send(fuzz_service.base_url, raw)
     assert response.status == 400
+
+
+def test_a_client_that_hangs_up_mid_body_is_logged_as_499_not_500(
+    fuzz_service: ServiceProcess,
+) -> None:
+    host, port = fuzz_service.base_url.removeprefix("http://").split(":")
+    head = rawhttp.post_head("/generate", "X-Request-ID: gone-mid-body", length=1000)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + b'\r\n\r\n{"prompt": "half a bo')
+    line = wait_for_log(fuzz_service, "request_rejected", request_id="gone-mid-body")
+    assert line["status"] == 499
 
 
 def test_the_service_still_serves_after_all_the_bad_input(fuzz_service: ServiceProcess) -> None:
