@@ -8,25 +8,16 @@ a thread other than its own.
 
 import asyncio
 import contextlib
-import enum
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from dataclasses import dataclass, replace
 
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from ovis_service.engine import (
-    Engine,
-    EngineInfo,
-    GenerationResult,
-    PreviewCallback,
-    ProgressCallback,
-    StepHooks,
-)
+from ovis_service.engine import Engine, EngineInfo, StepHooks
 from ovis_service.errors import (
     DeadlineExceededError,
     GenerationFailedError,
@@ -36,8 +27,29 @@ from ovis_service.errors import (
     ServiceError,
     ShuttingDownError,
 )
+from ovis_service.job_types import (
+    Job,
+    JobOutcome,
+    RejectReason,
+    ThreadSnapshot,
+    WorkerObserver,
+    WorkerSnapshot,
+    WorkerState,
+)
 from ovis_service.schemas import GenerationParams
-from ovis_service.wait_estimate import WaitEstimator, step_pixels
+from ovis_service.wait_estimate import WaitEstimator
+
+# The types live in `job_types`; the rest of the service imports them from here too.
+__all__ = [
+    "InferenceWorker",
+    "Job",
+    "JobOutcome",
+    "RejectReason",
+    "ThreadSnapshot",
+    "WorkerObserver",
+    "WorkerSnapshot",
+    "WorkerState",
+]
 
 logger = structlog.get_logger(__name__)
 
@@ -45,27 +57,6 @@ _POLL_SECONDS = 0.1
 # How long `stop` waits for the threads beyond the drain timeout: the step in progress, the
 # release of the engine. A thread that takes longer is reported and left behind.
 _JOIN_GRACE_SECONDS = 30.0
-
-
-class WorkerState(enum.Enum):
-    CREATED = "created"
-    LOADING = "loading"
-    READY = "ready"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-    FAILED = "failed"  # a model did not load
-    DEAD = "dead"  # a thread ended unexpectedly
-
-
-RejectReason = Literal["queue_full", "loading", "shutting_down", "out_of_memory", "deadline"]
-
-
-class WorkerObserver(Protocol):
-    """Told what the worker decided, for metrics. Called from any thread; must not block."""
-
-    def job_rejected(self, reason: RejectReason) -> None: ...
-
-    def job_finished(self, outcome: "JobOutcome") -> None: ...
 
 
 class _NoObserver:
@@ -76,73 +67,11 @@ class _NoObserver:
         return None
 
 
-@dataclass(frozen=True)
-class JobOutcome:
-    result: GenerationResult
-    queue_seconds: float
-    generation_seconds: float
-
-
-@dataclass(eq=False)
-class Job:
-    request_id: str
-    params: GenerationParams
-    future: "asyncio.Future[JobOutcome]"
-    loop: asyncio.AbstractEventLoop
-    deadline: float
-    enqueued_at: float
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    # Streaming requests watch the run; both callbacks are called on the inference thread.
-    on_progress: ProgressCallback | None = None
-    preview_steps: frozenset[int] = frozenset()
-    on_preview: PreviewCallback | None = None
-
-    def cancel(self) -> None:
-        """Safe from any thread: a queued job is skipped, a running one stops at the next step."""
-        self.cancelled.set()
-
-    @property
-    def work(self) -> int:
-        return step_pixels(self.params.num_inference_steps, self.params.width, self.params.height)
-
-
 class _Stop:
     """Queue sentinel: wakes a waiting thread at once when the worker stops."""
 
 
 _STOP = _Stop()
-
-
-@dataclass(frozen=True)
-class ThreadSnapshot:
-    index: int
-    device: str
-    state: WorkerState
-    request_id: str | None  # the job running on it, if any
-    steps_done: int | None
-    total_steps: int | None
-
-    @property
-    def status(self) -> str:
-        return "busy" if self.request_id is not None else self.state.value
-
-
-@dataclass(frozen=True)
-class WorkerSnapshot:
-    state: WorkerState
-    queue_depth: int
-    running: int
-    capacity: int
-    info: EngineInfo | None  # the first thread's engine
-    detail: str | None  # for the operator (stderr, logs): may name paths on the host
-    threads: tuple[ThreadSnapshot, ...] = ()
-    public_detail: str | None = None  # for anyone who asks /health or gets a 503
-
-    @property
-    def threads_alive(self) -> int:
-        return sum(
-            thread.state in (WorkerState.LOADING, WorkerState.READY) for thread in self.threads
-        )
 
 
 @dataclass(eq=False)
