@@ -27,6 +27,8 @@ from ovis_service.worker import InferenceWorker
 
 logger = structlog.get_logger(__name__)
 
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
 _WARMUP_SIZE = 1024  # the default request size, so the common case finds its kernels ready
 
 
@@ -90,6 +92,13 @@ def create_app(
             offload=settings.offload,
             auth="on" if settings.api_keys else "off",
         )
+        if not settings.api_keys and settings.host not in _LOOPBACK_HOSTS:
+            # A blank OVIS_API_KEY (a later empty line in .env, say) turns auth off silently.
+            logger.warning(
+                "no_api_key",
+                host=settings.host,
+                note="anyone who can reach this port can use the GPU; set OVIS_API_KEY",
+            )
         # The model loads on the inference thread; /health answers 503 "loading" meanwhile.
         worker.start()
         try:

@@ -131,8 +131,15 @@ def load_settings(
     origins = origins or {}
     values: dict[str, object] = {}
     names: dict[str, str] = {}  # field -> the variable that set it
+    raw_values: dict[str, str] = {}  # field -> the text it was given, for the error message
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX):
+            if key.upper().startswith(ENV_PREFIX) and key in origins:
+                # Names are case-sensitive; in a .env file a lower-case one is a slip, not
+                # another program's variable.
+                raise SettingsError(
+                    f"{_where(key, origins)} is not a known setting{_suggest(key.upper())}"
+                )
             continue
         suffix = key[len(ENV_PREFIX) :]
         name = _ALIASES.get(suffix, suffix.lower())
@@ -142,6 +149,7 @@ def load_settings(
             continue  # An empty variable means "use the default", as in most .env files.
         values[name] = _normalise(name, raw)
         names[name] = key
+        raw_values[name] = raw.strip()
         if name == "api_keys" and not values[name]:
             # "," or " , " would otherwise turn authentication off without a word.
             raise SettingsError(
@@ -152,7 +160,7 @@ def load_settings(
         # strict=False lets msgspec turn "8" into 8.
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise SettingsError(_explain(str(exc), names, origins)) from None
+        raise SettingsError(_explain(str(exc), names, origins, raw_values)) from None
 
 
 def _where(key: str, origins: Mapping[str, str]) -> str:
@@ -166,13 +174,23 @@ def _suggest(key: str) -> str:
     return f"; did you mean {close[0]}?" if close else f"; known settings: {', '.join(known)}"
 
 
-def _explain(message: str, names: Mapping[str, str], origins: Mapping[str, str]) -> str:
-    """Replace msgspec's `$.queue_size` path with the variable the operator actually set, and
-    add what the setting accepts where msgspec's rule alone does not say."""
+def _explain(
+    message: str,
+    names: Mapping[str, str],
+    origins: Mapping[str, str],
+    raw_values: Mapping[str, str] | None = None,
+) -> str:
+    """Replace msgspec's `$.queue_size` path with the variable the operator actually set, show
+    the value it was given, and add what the setting accepts where msgspec's rule alone does
+    not say."""
     text, _, path = message.rpartition(" - at `$.")
     if not path:
         return message
     field = path.rstrip("`").split("[")[0]
+    raw = (raw_values or {}).get(field)
+    if raw is not None and field != "api_keys" and repr(raw) not in text:  # never echo a key
+        # Every variable is text, so msgspec's "got `str`" says nothing: show the text instead.
+        text = text.removesuffix(", got `str`") + f", got {raw!r}"
     return f"{_where(names.get(field, env_name(field)), origins)}: {text}{_accepted(field)}"
 
 

@@ -26,7 +26,7 @@ from ovis_service.request_id import (
     current_request_id,
     request_id_from_headers,
 )
-from ovis_service.schemas import ErrorResponse
+from ovis_service.schemas import ErrorResponse, hint_unknown_field
 
 logger = structlog.get_logger(__name__)
 
@@ -157,7 +157,7 @@ def _describe_validation(exc: ValidationException) -> tuple[int, str, str | None
             )
         if key == "data":
             key = None  # the error concerns the body as a whole, or names its field itself
-        parts.append(f"{key}: {message}" if key else message)
+        parts.append(f"{key}: {message}" if key else hint_unknown_field(message))
         if first_key is None and isinstance(key, str):
             first_key = key
     detail = "; ".join(parts)

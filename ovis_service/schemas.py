@@ -1,6 +1,8 @@
 """Request and response bodies. The limits live in `Meta`, so the OpenAPI schema shows them."""
 
+import difflib
 import math
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -146,11 +148,28 @@ def _side(max_image_size: int, description: str) -> Any:
     ]
 
 
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `?([^`]*)`?")
+
+
+def hint_unknown_field(message: str) -> str:
+    """`Object contains unknown field steps` gains `; did you mean num_inference_steps?`."""
+    match = _UNKNOWN_FIELD.search(message)
+    if match is None:
+        return message
+    name = match[1].lower()
+    known = GenerateRequestBase.__struct_fields__
+    close = [field for field in known if name and (name in field or field in name)]
+    close = close or difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return f"{message}; did you mean {close[0]}?"
+    return f"{message}; the fields are {', '.join(known)}"
+
+
 def describe_validation_error(error: msgspec.ValidationError) -> str:
     """`Expected `int` >= 1 - at `$.num_inference_steps`` becomes
     `num_inference_steps: Expected int >= 1`: the field first, then the rule."""
     field, message = split_validation_error(error)
-    return f"{field}: {message}" if field else message
+    return f"{field}: {message}" if field else hint_unknown_field(message)
 
 
 def split_validation_error(error: msgspec.ValidationError) -> tuple[str | None, str]:

@@ -180,3 +180,12 @@ def test_only_a_json_content_type_is_accepted(
     assert response.status_code == status, response.text
     if status == 415:
         assert response.json()["detail"].startswith("Content-Type must be application/json")
+
+
+@pytest.mark.parametrize(("host", "warned"), [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_serving_beyond_loopback_without_a_key_is_warned_about(host: str, warned: bool) -> None:
+    app = create_app(Settings(model="tiny", warmup=False, host=host), engine=FakeEngine())
+    with capture_logs() as logs, TestClient(app):
+        pass
+    warnings = [log for log in logs if log["event"] == "no_api_key"]
+    assert bool(warnings) is warned

@@ -35,7 +35,7 @@ def assert_one_line_without_traceback(result: subprocess.CompletedProcess[str], 
 def test_a_bad_setting_stops_startup_naming_the_variable(tmp_path: Path) -> None:
     result = run({"OVIS_QUEUE_SIZE": "zero"}, tmp_path)
     assert result.returncode == 2
-    assert "configuration error: OVIS_QUEUE_SIZE: Expected `int`, got `str`" in result.stderr
+    assert "configuration error: OVIS_QUEUE_SIZE: Expected `int`, got 'zero'" in result.stderr
 
 
 def test_settings_come_from_dotenv_and_the_environment_wins(tmp_path: Path) -> None:

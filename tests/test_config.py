@@ -45,7 +45,7 @@ def test_an_empty_variable_means_the_default() -> None:
     ("environ", "message"),
     [
         ({"OVIS_QUEUE_SIZE": "0"}, "OVIS_QUEUE_SIZE: Expected `int` >= 1"),
-        ({"OVIS_QUEUE_SIZE": "many"}, "OVIS_QUEUE_SIZE: Expected `int`, got `str`"),
+        ({"OVIS_QUEUE_SIZE": "many"}, "OVIS_QUEUE_SIZE: Expected `int`, got 'many'"),
         ({"OVIS_PORT": "70000"}, "OVIS_PORT: Expected `int` <= 65535"),
         ({"OVIS_OFFLOAD": "gpu"}, "OVIS_OFFLOAD: Invalid enum value 'gpu'"),
         ({"OVIS_DEVICE": "tpu"}, "OVIS_DEVICE: Expected `str` matching regex"),
@@ -108,3 +108,8 @@ def test_an_error_names_the_file_the_value_came_from() -> None:
 def test_an_api_key_of_only_commas_is_refused_not_read_as_no_auth(raw: str) -> None:
     with pytest.raises(SettingsError, match="OVIS_API_KEY holds no key"):
         load_settings({"OVIS_API_KEY": raw})
+
+
+def test_a_lower_case_name_in_the_env_file_is_refused_with_the_right_spelling() -> None:
+    with pytest.raises(SettingsError, match="did you mean OVIS_QUEUE_SIZE"):
+        load_settings({"ovis_queue_size": "3"}, origins={"ovis_queue_size": "/srv/app/.env"})

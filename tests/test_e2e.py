@@ -133,7 +133,11 @@ def test_a_prompt_past_the_token_limit_is_flagged(client: httpx.Client) -> None:
         (b'{"prompt": "a", "cfg_scale": 21}', 422, "cfg_scale: Expected float <= 20.0"),
         (b'{"prompt": "a", "seed": -5}', 422, "seed: Expected int >= 0"),
         (b'{"prompt": "a", "seed": "5"}', 422, "seed: Expected int | null, got str"),
-        (b'{"prompt": "a", "steps": 2}', 422, "Object contains unknown field steps"),
+        (
+            b'{"prompt": "a", "steps": 2}',
+            422,
+            "Object contains unknown field steps; did you mean num_inference_steps?",
+        ),
         (b'{"negative_prompt": "a"}', 422, "Object missing required field prompt"),
         (b'{"prompt": "a", "cfg_scale": NaN}', 400, "JSON is malformed"),
         (b'{"prompt": ', 400, "Input data was truncated"),

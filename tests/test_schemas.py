@@ -3,7 +3,12 @@
 import msgspec
 import pytest
 
-from ovis_service.schemas import MAX_SEED, GenerateRequestBase, generate_request_type
+from ovis_service.schemas import (
+    MAX_SEED,
+    GenerateRequestBase,
+    generate_request_type,
+    hint_unknown_field,
+)
 
 RequestType = generate_request_type(max_prompt_chars=20, max_steps=100, max_image_size=2048)
 
@@ -67,3 +72,16 @@ def test_limits_appear_in_the_json_schema() -> None:
     assert properties["image_size"]["multipleOf"] == 16
     assert properties["image_size"]["maximum"] == 2048
     assert properties["cfg_scale"]["maximum"] == 20.0
+
+
+@pytest.mark.parametrize(
+    ("message", "hinted"),
+    [
+        ("Object contains unknown field steps", "; did you mean num_inference_steps?"),
+        ("Object contains unknown field `size`", "; did you mean image_size?"),
+        ("Object contains unknown field seeed", "; did you mean seed?"),
+        ("Object contains unknown field zzz", "; the fields are prompt, negative_prompt, "),
+    ],
+)
+def test_an_unknown_field_gets_the_closest_known_one(message: str, hinted: str) -> None:
+    assert hinted in hint_unknown_field(message)
