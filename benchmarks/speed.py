@@ -185,16 +185,7 @@ class Bench:
 
         def run() -> None:
             with torch.inference_mode():
-                self.pipe(
-                    prompt=p.prompt,
-                    negative_prompt=p.negative_prompt,
-                    num_inference_steps=p.num_inference_steps,
-                    guidance_scale=p.cfg_scale,
-                    width=p.width,
-                    height=p.height,
-                    generator=torch.Generator("cpu").manual_seed(p.seed),
-                    max_sequence_length=loop.MAX_SEQUENCE_LENGTH,
-                )
+                loop.call_pipeline(self.pipe, p)
 
         return run
 

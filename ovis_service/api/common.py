@@ -1,6 +1,7 @@
 """Pieces every API surface uses: the JSON guard, seeds, request log fields, encoding."""
 
 import asyncio
+import base64
 import secrets
 import time
 from collections.abc import Mapping
@@ -94,8 +95,7 @@ async def encode_outcome(
 def levers_in_force(worker: InferenceWorker) -> Mapping[str, str]:
     """The speed levers the loaded engine reports, for the image's metadata."""
     info = worker.snapshot().info
-    levers: Mapping[str, str] = getattr(info, "levers", None) or {}
-    return levers
+    return info.levers if info is not None else {}
 
 
 def quality_for(image_format: ImageFormat, settings: Settings) -> int:
@@ -162,3 +162,8 @@ async def utf8_scripts(response: Any) -> Any:
     if "javascript" in content_type and "charset" not in content_type:
         response.headers["content-type"] = "text/javascript; charset=utf-8"
     return response
+
+
+def to_b64(data: bytes) -> str:
+    """An image file as the `b64_json` both APIs answer with."""
+    return base64.b64encode(data).decode()

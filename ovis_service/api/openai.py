@@ -6,7 +6,6 @@ job per image; errors leave in OpenAI's `{"error": {...}}` shape (see `http_erro
 
 from __future__ import annotations
 
-import base64
 import time
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -27,6 +26,7 @@ from ovis_service.api.common import (
     log_completed,
     quality_for,
     require_json_body,
+    to_b64,
 )
 from ovis_service.api.openai_schemas import (
     CHOICES,
@@ -207,7 +207,9 @@ class OpenAIController(Controller):
                 outcome, job_params, settings, image_format, quality=quality, levers=levers
             )
             log_completed(outcome, encode_seconds, fields, image_index=index)
-            items.append(ImageData(b64_json=_b64(image), revised_prompt=None, seed=job_params.seed))
+            items.append(
+                ImageData(b64_json=to_b64(image), revised_prompt=None, seed=job_params.seed)
+            )
         body = ImagesResponse(created=int(time.time()), data=items, usage=Usage(), **echo)
         return Response(body, headers=headers)
 
@@ -233,7 +235,3 @@ class OpenAIController(Controller):
                 f"no model {model_id.lstrip('/')!r}; this service serves {card.id!r}", param="model"
             )
         return card
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()

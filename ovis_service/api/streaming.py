@@ -10,7 +10,6 @@ OpenAI (`"stream": true`): `image_generation.partial_image` for each preview, th
 """
 
 import asyncio
-import base64
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -19,7 +18,7 @@ from typing import Any
 import structlog
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from ovis_service.api.common import encode_outcome, levers_in_force, log_completed
+from ovis_service.api.common import encode_outcome, levers_in_force, log_completed, to_b64
 from ovis_service.config import Settings
 from ovis_service.errors import GenerationFailedError, ServiceError
 from ovis_service.imaging import ImageFormat, encode_image
@@ -75,7 +74,7 @@ async def native_events(
                 )
                 log_completed(event.outcome, encode_seconds, fields, stream=True)
                 result = {
-                    "b64_json": base64.b64encode(image).decode(),
+                    "b64_json": to_b64(image),
                     "seed": params.seed,
                     "format": "png",
                 }
@@ -119,7 +118,7 @@ async def openai_events(
                 yield _openai_event(
                     "image_generation.partial_image",
                     {
-                        "b64_json": base64.b64encode(preview).decode(),
+                        "b64_json": to_b64(preview),
                         "partial_image_index": partial_index[event.index],
                         "created_at": int(time.time()),
                         **echo,
@@ -140,7 +139,7 @@ async def openai_events(
                 yield _openai_event(
                     "image_generation.completed",
                     {
-                        "b64_json": base64.b64encode(image).decode(),
+                        "b64_json": to_b64(image),
                         "created_at": int(time.time()),
                         **echo,
                         "usage": ZERO_USAGE,

@@ -154,3 +154,20 @@ def generate(
         if preview_wanted:
             hooks.on_preview(i + 1, decode(pipe, clean_estimate, params.width, params.height))
     return decode(pipe, latents, params.width, params.height)
+
+
+def call_pipeline(pipe: OvisImagePipeline, params: GenerationParams) -> Image.Image:
+    """The plain `pipe(...)` call this loop replaces, with the same seed and limits: the
+    equivalence test's reference and the speed benchmark's baseline."""
+    output = pipe(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.cfg_scale,
+        width=params.width,
+        height=params.height,
+        generator=torch.Generator("cpu").manual_seed(params.seed),
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+    )
+    image: Image.Image = output.images[0]
+    return image

@@ -42,17 +42,7 @@ def pipe() -> OvisImagePipeline:
 
 def reference(pipe: OvisImagePipeline, p: GenerationParams) -> np.ndarray:
     with torch.inference_mode():
-        output = pipe(
-            prompt=p.prompt,
-            negative_prompt=p.negative_prompt,
-            num_inference_steps=p.num_inference_steps,
-            guidance_scale=p.cfg_scale,
-            width=p.width,
-            height=p.height,
-            generator=torch.Generator("cpu").manual_seed(p.seed),
-            max_sequence_length=loop.MAX_SEQUENCE_LENGTH,
-        )
-    return np.asarray(output.images[0], dtype=np.int16)
+        return np.asarray(loop.call_pipeline(pipe, p), dtype=np.int16)
 
 
 def ours(
