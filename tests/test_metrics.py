@@ -4,6 +4,7 @@ exposition is read back with prometheus_client's own parser."""
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -62,14 +63,29 @@ def wait_for(client: Client | httpx.Client, path: str, predicate: Any) -> dict[s
 
 
 @pytest.fixture(scope="module")
-def pool_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """The real server over two fake engines; 40 steps of 0.05 s keep a job busy for 2 s."""
-    env = {"FAKE_ENGINES": "2", "FAKE_STEP_SECONDS": "0.05", "OVIS_QUEUE_SIZE": "1"}
+def hold_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Created by a test to release the service's `held...` jobs."""
+    return tmp_path_factory.mktemp("hold") / "release"
+
+
+@pytest.fixture(scope="module")
+def pool_service(
+    tmp_path_factory: pytest.TempPathFactory, hold_file: Path
+) -> Iterator[ServiceProcess]:
+    """The real server over two fake engines; `held...` jobs run until `hold_file` exists."""
+    env = {
+        "FAKE_ENGINES": "2",
+        "FAKE_STEP_SECONDS": "0.01",
+        "FAKE_HOLD_FILE": str(hold_file),
+        "OVIS_QUEUE_SIZE": "1",
+    }
     with run_service(tmp_path_factory.mktemp("pool"), env=env, command=FAKE_COMMAND) as service:
         yield service
 
 
-def test_counters_gauges_and_histograms_follow_real_requests(pool_service: ServiceProcess) -> None:
+def test_counters_gauges_and_histograms_follow_real_requests(
+    pool_service: ServiceProcess, hold_file: Path
+) -> None:
     with pool_service.client() as client:
         before = samples(client)
         assert value(before, "ovis_queue_capacity") == 1
@@ -78,19 +94,23 @@ def test_counters_gauges_and_histograms_follow_real_requests(pool_service: Servi
         assert value(before, "ovis_rejected_total", reason="queue_full") == 0
         assert ("process_cpu_seconds_total", ()) in before
 
-        slow = {**BODY, "num_inference_steps": 40}
+        # Held on both threads until the busy state has been read: no race with the clock.
+        slow = {**BODY, "prompt": "held fox"}
         with ThreadPoolExecutor(3) as pool:
-            posts = [pool.submit(post, pool_service, slow) for _ in range(2)]
-            wait_for(client, "/health", lambda body: body["running"] == 2)
-            posts.append(pool.submit(post, pool_service, slow))
-            health = wait_for(client, "/health", lambda body: body["queue_depth"] == 1)
-            assert [device["state"] for device in health["devices"]] == ["busy", "busy"]
-            busy = samples(client)
-            assert value(busy, "ovis_running_jobs") == 2
-            assert value(busy, "ovis_queue_depth") == 1
-            refused = client.post("/generate", json=BODY)
-            assert refused.status_code == 503
-            assert client.get("/livez").status_code == 200  # a full queue is not a dead process
+            try:
+                posts = [pool.submit(post, pool_service, slow) for _ in range(2)]
+                wait_for(client, "/health", lambda body: body["running"] == 2)
+                posts.append(pool.submit(post, pool_service, slow))
+                health = wait_for(client, "/health", lambda body: body["queue_depth"] == 1)
+                assert [device["state"] for device in health["devices"]] == ["busy", "busy"]
+                busy = samples(client)
+                assert value(busy, "ovis_running_jobs") == 2
+                assert value(busy, "ovis_queue_depth") == 1
+                refused = client.post("/generate", json=BODY)
+                assert refused.status_code == 503
+                assert client.get("/livez").status_code == 200  # a full queue is not dead
+            finally:
+                hold_file.touch()  # a failed check above must fail, not wait for the give-up
             assert [future.result(WAIT) for future in posts] == [200, 200, 200]
         assert client.post("/generate", json={**BODY, "image_size": 100}).status_code == 422
 

@@ -3,11 +3,13 @@
 The prompt picks the fault, so end-to-end tests can inject one through plain HTTP:
 - `fail...`  raises an ordinary exception (with a path in its text that must never leak);
 - `oom...`   raises an out-of-memory error the engine recognises;
+- `held...`  waits, once running, until the test creates the engine's `hold_file`;
 - anything else sleeps `step_seconds` per step, checking `stop_check` between steps.
 """
 
 import threading
 import time
+from pathlib import Path
 
 from PIL import Image
 
@@ -48,6 +50,7 @@ class FakeEngine:
         gate: threading.Event | None = None,
         model_id: str = "fake",
         clock: FakeClock | None = None,
+        hold_file: Path | None = None,
     ) -> None:
         self.model_id = model_id
         self.step_seconds = step_seconds
@@ -55,6 +58,9 @@ class FakeEngine:
         self.load_error = load_error
         self.gate = gate  # when given, each generation waits for it before its first step
         self.clock = clock  # when given, a step advances it by step_seconds instead of sleeping
+        # `held...` prompts run until this file exists: a test in another process holds jobs
+        # on the device for as long as it needs, instead of guessing how long is long enough.
+        self.hold_file = hold_file
         self.started: list[str] = []  # prompts, in the order generation began
         self.completed: list[str] = []
         self.steps_run = 0
@@ -65,6 +71,15 @@ class FakeEngine:
 
     def _touch(self) -> None:
         self.threads.add(threading.current_thread().name)
+
+    def _wait_for_hold_file(self) -> None:
+        if self.hold_file is None:
+            raise RuntimeError("a held prompt needs the engine's hold_file")
+        give_up = time.monotonic() + 60  # a test that never releases fails, not hangs
+        while not self.hold_file.exists():
+            if time.monotonic() > give_up:
+                raise TimeoutError("the hold file never appeared")
+            time.sleep(0.01)
 
     def load(self) -> EngineInfo:
         self._touch()
@@ -84,6 +99,8 @@ class FakeEngine:
                 raise RuntimeError(f"boom while reading {SECRET_IN_ERROR}")
             if params.prompt.startswith("oom"):
                 raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            if params.prompt.startswith("held"):
+                self._wait_for_hold_file()
             for step in range(params.num_inference_steps):
                 if self.clock is not None:
                     self.clock.advance(self.step_seconds)
