@@ -15,9 +15,10 @@ from tests.support.service import TINY_COMMAND, ServiceProcess, run_service
 
 pytestmark = pytest.mark.timeout(300)
 
-# Big enough that two runs overlap for a while on a 2-core machine (about 3 s each), small
-# enough to keep the test short.
-SLOW = {"prompt": "a red fox in the snow", "num_inference_steps": 8, "image_size": 1024, "seed": 7}
+# Big enough that two runs overlap for several seconds on a busy 2-core machine (about 6 s each
+# when idle), so that the health and metrics reads land while both run; small enough to keep
+# the test short.
+SLOW = {"prompt": "a red fox in the snow", "num_inference_steps": 16, "image_size": 1024, "seed": 7}
 WAIT = 120.0
 
 
