@@ -76,8 +76,13 @@ def _fill_then_sigterm(
     for thread in threads:
         thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in threads), "a request hung"
+    seen_by_service = {line.get("request_id") for line in service.logs()}
     for label, error in late.errors.items():
-        assert error == "ConnectError", (label, error)  # not accepted: the port was closed
+        # Not accepted: the port was closed (ConnectError), or the kernel had completed the
+        # handshake into the listening socket's backlog just before uvicorn closed it, which
+        # resets the connection unread (ReadError). Either way the service never saw it.
+        assert error in {"ConnectError", "ReadError"}, (label, error)
+        assert label not in seen_by_service, (label, error)
     for label, status in late.statuses.items():
         # "shutting down", or "queue full" when it arrived before the signal was handled
         assert status == 503, (label, status, late.details.get(label))
