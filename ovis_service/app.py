@@ -12,18 +12,18 @@ from litestar.openapi.spec import Components, SecurityScheme
 from ovis_service.api import ROUTE_HANDLERS, signature_namespace
 from ovis_service.api.dependencies import DEPENDENCIES, SETTINGS_STATE_KEY, WORKER_STATE_KEY
 from ovis_service.api.docs import SCHEMA_PATH, docs_router, swagger_ui
+from ovis_service.api.errors import handle_exception
 from ovis_service.api.ops import metrics_route
 from ovis_service.api.page import page_router
 from ovis_service.auth import ApiKeyGuard
 from ovis_service.config import Settings, load_settings
 from ovis_service.engine import Engine
-from ovis_service.http_errors import handle_exception
 from ovis_service.logs import configure_logging
 from ovis_service.metrics import METRICS_STATE_KEY, ServiceMetrics
 from ovis_service.model_source import preflight
 from ovis_service.request_id import RequestIdMiddleware
 from ovis_service.schemas import GenerationParams
-from ovis_service.worker import InferenceWorker
+from ovis_service.worker.pool import InferencePool
 
 logger = structlog.get_logger(__name__)
 
@@ -74,7 +74,7 @@ def create_app(
     if engines is None:
         engines, labels = ([engine], None) if engine is not None else _default_engines(settings)
     metrics = ServiceMetrics()
-    worker = InferenceWorker(
+    worker = InferencePool(
         engines,
         capacity=settings.queue_size,
         warmup=_warmup_params(settings),
@@ -147,6 +147,6 @@ def create_app(
     return app
 
 
-def worker_of(app: Litestar) -> InferenceWorker:
-    worker: InferenceWorker = app.state[WORKER_STATE_KEY]
+def worker_of(app: Litestar) -> InferencePool:
+    worker: InferencePool = app.state[WORKER_STATE_KEY]
     return worker

@@ -17,7 +17,8 @@ from ovis_service.config import Settings, SettingsError, load_settings
 from ovis_service.envfile import apply_env_file
 from ovis_service.logs import configure_logging
 from ovis_service.model_source import ModelLoadError
-from ovis_service.worker import InferenceWorker, WorkerState
+from ovis_service.worker.pool import InferencePool
+from ovis_service.worker.types import WorkerState
 
 logger = structlog.get_logger(__name__)
 
@@ -34,7 +35,7 @@ class DrainingServer(uvicorn.Server):
       process exits non-zero and a restart policy can act.
     """
 
-    def __init__(self, config: uvicorn.Config, worker: InferenceWorker, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, worker: InferencePool, drain_timeout: float):
         super().__init__(config)
         self._worker = worker
         self._drain_timeout = drain_timeout

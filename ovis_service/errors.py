@@ -1,12 +1,24 @@
-"""One exception hierarchy: each error knows its HTTP status and what the client may read."""
+"""One exception hierarchy. Each error carries its own answer: the HTTP status, the `code` of
+OpenAI's error object, and the reason `ovis_rejected_total` counts it under (if any), so the
+exception handler, the streams and the worker read them instead of telling errors apart."""
 
-from typing import ClassVar
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar, Literal
+
+RejectReason = Literal["queue_full", "loading", "shutting_down", "out_of_memory", "deadline"]
+"""Why the service turned a job away, as `ovis_rejected_total{reason}` counts it."""
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
 class ServiceError(Exception):
     """Base of every error the service answers on purpose; `detail` is safe to show a client."""
 
     status_code: ClassVar[int] = 500
+    openai_code: ClassVar[str | None] = None
+    reject_reason: ClassVar[RejectReason | None] = None  # None: not counted as a rejection
+    headers: ClassVar[Mapping[str, str]] = _NO_HEADERS  # sent with every answer of this kind
 
     def __init__(
         self, detail: str, *, retry_after: int | None = None, param: str | None = None
@@ -29,6 +41,7 @@ class MalformedHeaderError(ServiceError):
 
 class UnsupportedMediaTypeError(ServiceError):
     status_code = 415
+    openai_code = "unsupported_media_type"
 
 
 class NotAcceptableError(ServiceError):
@@ -39,30 +52,53 @@ class NotAcceptableError(ServiceError):
 
 class NotFoundError(ServiceError):
     status_code = 404
+    openai_code = "not_found"
 
 
 class UnauthorizedError(ServiceError):
     status_code = 401
+    openai_code = "invalid_api_key"
+    headers = MappingProxyType({"WWW-Authenticate": "Bearer"})
 
 
 class OverloadedError(ServiceError):
-    """The queue is full, or the GPU ran out of memory for this request."""
+    """The queue has no room for the request's images."""
 
     status_code = 503
+    openai_code = "queue_full"
+    reject_reason: ClassVar[RejectReason | None] = "queue_full"
+
+
+class OutOfMemoryError(OverloadedError):
+    """The GPU ran out of memory for this request; a smaller image or a later retry may fit."""
+
+    openai_code = "out_of_memory"
+    reject_reason = "out_of_memory"
 
 
 class NotReadyError(ServiceError):
-    """The model is still loading, failed to load, or the inference thread is gone."""
+    """The model failed to load, or an inference thread is gone: a restart is needed."""
 
     status_code = 503
+    openai_code = "model_not_ready"
+
+
+class ModelLoadingError(NotReadyError):
+    """The model is still loading: retrying shortly helps."""
+
+    reject_reason = "loading"
 
 
 class ShuttingDownError(ServiceError):
     status_code = 503
+    openai_code = "shutting_down"
+    reject_reason = "shutting_down"
 
 
 class DeadlineExceededError(ServiceError):
     status_code = 504
+    openai_code = "timeout"
+    reject_reason = "deadline"
 
 
 class JobCancelledError(ServiceError):

@@ -17,7 +17,8 @@ from PIL import Image
 
 from ovis_service.errors import DeadlineExceededError, JobCancelledError
 from ovis_service.schemas import GenerationParams
-from ovis_service.worker import InferenceWorker, Job, JobOutcome
+from ovis_service.worker.pool import InferencePool
+from ovis_service.worker.types import Job, JobOutcome
 
 # The worker enforces the deadline between denoising steps; this grace lets it answer first.
 DEADLINE_GRACE_SECONDS = 5.0
@@ -51,7 +52,7 @@ class Generation:
 
     def __init__(
         self,
-        worker: InferenceWorker,
+        worker: InferencePool,
         jobs: list[Job],
         timeout: float,
         events: "asyncio.Queue[StreamEvent | _JobFailed]",
@@ -94,8 +95,9 @@ class Generation:
     def _deadline_passed(self) -> DeadlineExceededError:
         # The worker enforces deadlines between steps and counts those; this is the backstop
         # for a step that never ends (a stuck decode), counted the same way.
-        self._worker.count_rejection("deadline")
-        return DeadlineExceededError("the request deadline passed")
+        error = DeadlineExceededError("the request deadline passed")
+        self._worker.count_rejection(error)
+        return error
 
     async def stream(self) -> AsyncIterator[StreamEvent]:
         """Progress, previews and finished images as they happen. Leaving the iteration early
@@ -143,7 +145,7 @@ def _job_finished(
 
 
 def submit(
-    worker: InferenceWorker,
+    worker: InferencePool,
     params: Sequence[GenerationParams],
     *,
     request_id: str,

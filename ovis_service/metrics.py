@@ -8,6 +8,7 @@ responses by route template and status.
 """
 
 from collections.abc import Callable, Iterator
+from typing import get_args
 
 from litestar.types import Message, Scope
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -15,19 +16,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from ovis_service.worker import JobOutcome, RejectReason, WorkerSnapshot, WorkerState
+from ovis_service.errors import RejectReason
+from ovis_service.worker.types import JobOutcome, WorkerSnapshot, WorkerState
 
 METRICS_STATE_KEY = "metrics"
 # The classic text format, which every Prometheus 2.x parses (Litestar adds the charset).
 CONTENT_TYPE = "text/plain; version=0.0.4"
 UNMATCHED = "unmatched"  # the endpoint label of a request that matched no route
-REJECT_REASONS: tuple[RejectReason, ...] = (
-    "queue_full",
-    "loading",
-    "shutting_down",
-    "out_of_memory",
-    "deadline",
-)
+REJECT_REASONS: tuple[RejectReason, ...] = get_args(RejectReason)
 # An image takes from about a second (small, few steps, fast GPU) to minutes (CPU, offload);
 # queue waits start at zero.
 GENERATION_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600)

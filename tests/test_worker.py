@@ -20,10 +20,12 @@ from ovis_service.errors import (
     JobCancelledError,
     NotReadyError,
     OverloadedError,
+    RejectReason,
     ShuttingDownError,
 )
 from ovis_service.schemas import GenerationParams
-from ovis_service.worker import InferenceWorker, Job, JobOutcome, RejectReason, WorkerState
+from ovis_service.worker.pool import InferencePool
+from ovis_service.worker.types import Job, JobOutcome, WorkerState
 from tests.support.fakes import FakeClock, FakeEngine
 
 pytestmark = pytest.mark.timeout(60)
@@ -80,7 +82,7 @@ def pause_at(step: int) -> tuple[ProgressCallback, threading.Event, threading.Ev
     return on_progress, reached, release
 
 
-def wait_for_state(worker: InferenceWorker, *states: WorkerState) -> None:
+def wait_for_state(worker: InferencePool, *states: WorkerState) -> None:
     deadline = time.monotonic() + WAIT
     while worker.snapshot().state not in states:
         assert time.monotonic() < deadline, worker.snapshot()
@@ -90,9 +92,9 @@ def wait_for_state(worker: InferenceWorker, *states: WorkerState) -> None:
 @contextmanager
 def running_worker(
     engine: FakeEngine, capacity: int, clock: Callable[[], float] = time.monotonic
-) -> Iterator[InferenceWorker]:
+) -> Iterator[InferencePool]:
     """A started, ready worker; stopped afterwards with any test gate opened."""
-    worker = InferenceWorker(engine, capacity=capacity, clock=clock)
+    worker = InferencePool(engine, capacity=capacity, clock=clock)
     worker.start()
     wait_for_state(worker, WorkerState.READY)
     try:
@@ -135,7 +137,7 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture
-def worker(engine: FakeEngine) -> Iterator[InferenceWorker]:
+def worker(engine: FakeEngine) -> Iterator[InferencePool]:
     with running_worker(engine, capacity=2) as worker:
         yield worker
 
@@ -145,7 +147,7 @@ async def outcome(job: Job) -> JobOutcome:
 
 
 def test_jobs_run_in_submission_order_on_the_inference_thread_only(
-    engine: FakeEngine, worker: InferenceWorker
+    engine: FakeEngine, worker: InferencePool
 ) -> None:
     async def scenario() -> None:
         jobs = [make_job(prompt) for prompt in ("first", "second")]
@@ -245,7 +247,7 @@ def test_a_cancelled_queued_job_never_reaches_the_engine() -> None:
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
 
-    async def scenario(worker: InferenceWorker) -> None:
+    async def scenario(worker: InferencePool) -> None:
         first = make_job("first")
         worker.submit(first)
         assert engine.running.wait(WAIT)
@@ -275,7 +277,7 @@ def test_a_cancelled_queued_job_never_reaches_the_engine() -> None:
 
 
 def test_a_cancelled_running_job_stops_at_the_next_step(
-    engine: FakeEngine, worker: InferenceWorker
+    engine: FakeEngine, worker: InferencePool
 ) -> None:
     async def scenario() -> None:
         on_progress, reached, release = pause_at(3)
@@ -296,7 +298,7 @@ def test_a_cancelled_running_job_stops_at_the_next_step(
 
 
 def test_a_job_past_its_deadline_is_never_started(
-    worker: InferenceWorker, engine: FakeEngine
+    worker: InferencePool, engine: FakeEngine
 ) -> None:
     async def scenario() -> None:
         expired = make_job("expired", deadline_in=-1)
@@ -326,7 +328,7 @@ def test_a_running_job_is_stopped_at_the_first_step_past_its_deadline() -> None:
 
 
 def test_a_failing_job_gets_a_generic_500_and_the_thread_keeps_serving(
-    worker: InferenceWorker, engine: FakeEngine
+    worker: InferencePool, engine: FakeEngine
 ) -> None:
     async def scenario() -> None:
         broken = make_job("fail please", request_id="req-broken")
@@ -348,7 +350,7 @@ def test_a_failing_job_gets_a_generic_500_and_the_thread_keeps_serving(
 
 
 def test_out_of_memory_frees_the_cache_answers_503_and_keeps_serving(
-    worker: InferenceWorker, engine: FakeEngine
+    worker: InferencePool, engine: FakeEngine
 ) -> None:
     async def scenario() -> None:
         greedy = make_job("oom at 2048")
@@ -369,7 +371,7 @@ def test_out_of_memory_frees_the_cache_answers_503_and_keeps_serving(
 def test_stop_drains_queued_jobs_then_releases_the_engine() -> None:
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
-    worker = InferenceWorker(engine, capacity=4)
+    worker = InferencePool(engine, capacity=4)
     worker.start()
     wait_for_state(worker, WorkerState.READY)
 
@@ -395,7 +397,7 @@ def test_stop_drains_queued_jobs_then_releases_the_engine() -> None:
 def test_past_the_drain_timeout_queued_and_running_jobs_get_503() -> None:
     clock = FakeClock()
     engine = FakeEngine(step_seconds=1.0, clock=clock)
-    worker = InferenceWorker(engine, capacity=4, clock=clock)
+    worker = InferencePool(engine, capacity=4, clock=clock)
     worker.start()
     wait_for_state(worker, WorkerState.READY)
 
@@ -436,7 +438,7 @@ class _StuckEngine(FakeEngine):
 
 def test_stop_gives_up_on_a_stuck_thread_after_the_drain_timeout_and_grace() -> None:
     engine = _StuckEngine()
-    worker = InferenceWorker(engine, capacity=1, join_grace=0.05)
+    worker = InferencePool(engine, capacity=1, join_grace=0.05)
     worker.start()
     wait_for_state(worker, WorkerState.READY)
 
@@ -461,7 +463,7 @@ def test_stop_gives_up_on_a_stuck_thread_after_the_drain_timeout_and_grace() -> 
 
 def test_jobs_are_refused_while_the_model_loads() -> None:
     engine = GatedLoadEngine()
-    worker = InferenceWorker(engine, capacity=2)
+    worker = InferencePool(engine, capacity=2)
     worker.start()
     assert engine.load_started.wait(WAIT)
 
@@ -480,7 +482,7 @@ def test_jobs_are_refused_while_the_model_loads() -> None:
 
 def test_a_model_that_fails_to_load_leaves_the_worker_failed() -> None:
     engine = FakeEngine(load_error=OSError("no such model"))
-    worker = InferenceWorker(engine, capacity=2)
+    worker = InferencePool(engine, capacity=2)
     with capture_logs() as logs:
         worker.start()
         wait_for_state(worker, WorkerState.FAILED)
@@ -512,7 +514,7 @@ class _BrokenRecoveryEngine(FakeEngine):
 def test_a_dead_inference_thread_shows_in_the_snapshot_and_fails_waiting_jobs() -> None:
     engine = _BrokenRecoveryEngine()
 
-    async def scenario(worker: InferenceWorker) -> None:
+    async def scenario(worker: InferencePool) -> None:
         fatal = make_job("oom that kills")
         worker.submit(fatal)
         with pytest.raises(NotReadyError):
@@ -526,7 +528,7 @@ def test_a_dead_inference_thread_shows_in_the_snapshot_and_fails_waiting_jobs() 
 
 
 def test_start_and_stop_are_idempotent(engine: FakeEngine) -> None:
-    worker = InferenceWorker(engine, capacity=1)
+    worker = InferencePool(engine, capacity=1)
     worker.start()
     worker.start()
     wait_for_state(worker, WorkerState.READY)
@@ -538,14 +540,14 @@ def test_start_and_stop_are_idempotent(engine: FakeEngine) -> None:
 
 
 def test_stopping_a_worker_that_never_started_returns_at_once() -> None:
-    worker = InferenceWorker(FakeEngine(), capacity=1)
+    worker = InferencePool(FakeEngine(), capacity=1)
     worker.stop(drain_timeout=0)
     assert worker.snapshot().state is WorkerState.CREATED
 
 
 def test_a_drain_that_starts_during_loading_is_reported_once_loaded() -> None:
     engine = GatedLoadEngine()
-    worker = InferenceWorker(engine, capacity=1)
+    worker = InferencePool(engine, capacity=1)
     worker.start()
     assert engine.load_started.wait(WAIT)
     worker.begin_drain(timeout=30)
@@ -561,7 +563,7 @@ def test_the_observer_hears_every_refusal_with_its_reason_and_every_finished_job
     gate = threading.Event()
     engine = GatedLoadEngine(gate=gate)
     observer = RecordingObserver()
-    worker = InferenceWorker(engine, capacity=1, observer=observer)
+    worker = InferencePool(engine, capacity=1, observer=observer)
     worker.start()
     assert engine.load_started.wait(WAIT)
 

@@ -12,7 +12,8 @@ import pytest
 from ovis_service.engine import EngineInfo
 from ovis_service.errors import NotReadyError
 from ovis_service.wait_estimate import PRIOR_SECONDS_PER_STEP_MEGAPIXEL
-from ovis_service.worker import InferenceWorker, WorkerState
+from ovis_service.worker.pool import InferencePool
+from ovis_service.worker.types import WorkerState
 from tests.support.fakes import FakeEngine
 from tests.test_worker import WAIT, make_job, outcome, wait_for_state
 
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @contextmanager
-def pool(engines: list[FakeEngine], capacity: int = 4) -> Iterator[InferenceWorker]:
-    worker = InferenceWorker(
+def pool(engines: list[FakeEngine], capacity: int = 4) -> Iterator[InferencePool]:
+    worker = InferencePool(
         engines, capacity=capacity, labels=[f"cpu#{i}" for i in range(len(engines))]
     )
     worker.start()
@@ -72,7 +73,7 @@ def test_two_threads_run_two_jobs_at_once_and_share_the_wait() -> None:
 def test_stop_drains_every_thread_and_releases_every_engine() -> None:
     gate = threading.Event()
     engines = [FakeEngine(gate=gate), FakeEngine(gate=gate)]
-    worker = InferenceWorker(engines, capacity=4)
+    worker = InferencePool(engines, capacity=4)
     worker.start()
     wait_for_state(worker, WorkerState.READY)
 
@@ -101,7 +102,7 @@ def test_stop_drains_every_thread_and_releases_every_engine() -> None:
 
 def test_one_thread_failing_to_load_fails_the_pool_and_names_its_device() -> None:
     engines = [FakeEngine(), FakeEngine(load_error=MemoryError("no room"))]
-    worker = InferenceWorker(engines, capacity=2, labels=["cuda:0", "cuda:1"])
+    worker = InferencePool(engines, capacity=2, labels=["cuda:0", "cuda:1"])
     worker.start()
     wait_for_state(worker, WorkerState.FAILED)
     snapshot = worker.snapshot()

@@ -25,7 +25,8 @@ from ovis_service.errors import UnsupportedMediaTypeError
 from ovis_service.imaging import ImageFormat, encode_image
 from ovis_service.model_source import public_model_name
 from ovis_service.schemas import MAX_SEED, GenerationParams
-from ovis_service.worker import InferenceWorker, JobOutcome
+from ovis_service.worker.pool import InferencePool
+from ovis_service.worker.types import JobOutcome
 
 logger = structlog.get_logger(__name__)
 
@@ -92,7 +93,7 @@ async def encode_outcome(
     return data, time.perf_counter() - started
 
 
-def levers_in_force(worker: InferenceWorker) -> Mapping[str, str]:
+def levers_in_force(worker: InferencePool) -> Mapping[str, str]:
     """The speed levers the loaded engine reports, for the image's metadata."""
     info = worker.snapshot().info
     return info.levers if info is not None else {}

@@ -5,14 +5,14 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from ovis_service.config import Settings
-from ovis_service.worker import InferenceWorker
+from ovis_service.worker.pool import InferencePool
 
 WORKER_STATE_KEY = "worker"
 SETTINGS_STATE_KEY = "settings"
 
 
-def provide_worker(state: State) -> InferenceWorker:
-    worker: InferenceWorker = state[WORKER_STATE_KEY]
+def provide_worker(state: State) -> InferencePool:
+    worker: InferencePool = state[WORKER_STATE_KEY]
     return worker
 
 

@@ -32,7 +32,7 @@ from ovis_service.schemas import (
     decode_generate_request,
     describe_validation_error,
 )
-from ovis_service.worker import InferenceWorker
+from ovis_service.worker.pool import InferencePool
 
 if TYPE_CHECKING:
     # The real type is built at startup with the configured limits (see `generate_request_type`)
@@ -101,7 +101,7 @@ class NativeController(Controller):
             ),
         ],
         request: Request[Any, Any, Any],
-        worker: NamedDependency[InferenceWorker],
+        worker: NamedDependency[InferencePool],
         settings: NamedDependency[Settings],
     ) -> Response[bytes] | EventStream:
         """Generate one image. The seed used comes back in `X-Seed`."""

@@ -1,7 +1,7 @@
 """OpenAI's Images API under `/v1`: `POST /v1/images/generations` and the model list.
 
 The request is translated at the edge into the same `GenerationParams` the native API makes, one
-job per image; errors leave in OpenAI's `{"error": {...}}` shape (see `http_errors`).
+job per image; errors leave in OpenAI's `{"error": {...}}` shape (see `api.errors`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ovis_service.api.common import (
     require_json_body,
     to_b64,
 )
+from ovis_service.api.errors import openai_error_body
 from ovis_service.api.openai_schemas import (
     CHOICES,
     ImageData,
@@ -41,7 +42,6 @@ from ovis_service.api.openai_schemas import (
 from ovis_service.api.streaming import EventStream, openai_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, NotFoundError
-from ovis_service.http_errors import openai_error_body
 from ovis_service.imaging import ImageFormat
 from ovis_service.model_source import public_model_name
 from ovis_service.request_id import current_request_id
@@ -52,7 +52,7 @@ from ovis_service.schemas import (
     GenerationParams,
     split_validation_error,
 )
-from ovis_service.worker import InferenceWorker
+from ovis_service.worker.pool import InferencePool
 
 if TYPE_CHECKING:
     # Built at startup with the configured limits; see `images_request_type`.
@@ -106,7 +106,7 @@ class OpenAIController(Controller):
         self,
         data: Annotated[ImagesGenerateRequest, Body(media_type=RequestEncodingType.JSON)],
         request: Request[Any, Any, Any],
-        worker: NamedDependency[InferenceWorker],
+        worker: NamedDependency[InferencePool],
         settings: NamedDependency[Settings],
     ) -> Response[ImagesResponse] | EventStream:
         """`client.images.generate(...)` of the `openai` SDK, with `stream=True` too. Extensions:

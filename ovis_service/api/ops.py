@@ -11,7 +11,8 @@ from ovis_service.config import Settings
 from ovis_service.metrics import CONTENT_TYPE, METRICS_STATE_KEY, ServiceMetrics
 from ovis_service.model_source import public_model_name
 from ovis_service.schemas import DeviceHealth, HealthResponse
-from ovis_service.worker import InferenceWorker, ThreadSnapshot, WorkerSnapshot, WorkerState
+from ovis_service.worker.pool import InferencePool
+from ovis_service.worker.types import ThreadSnapshot, WorkerSnapshot, WorkerState
 
 # A thread that ended on its own, not by a shutdown: the process needs a restart.
 _NOT_ALIVE = (WorkerState.DEAD, WorkerState.FAILED)
@@ -29,7 +30,7 @@ class OpsController(Controller):
 
     @get("/health", opt={PUBLIC: True}, summary="Readiness and queue depth", cache_control=None)
     async def health(
-        self, worker: NamedDependency[InferenceWorker], settings: NamedDependency[Settings]
+        self, worker: NamedDependency[InferencePool], settings: NamedDependency[Settings]
     ) -> Response[HealthResponse]:
         """Ready (200) only when the model is loaded and the inference thread is alive."""
         snapshot = worker.snapshot()
@@ -52,7 +53,7 @@ class OpsController(Controller):
         return Response(body, status_code=200 if ready else 503)
 
     @get("/livez", opt={PUBLIC: True}, summary="Liveness", cache_control=None)
-    async def livez(self, worker: NamedDependency[InferenceWorker]) -> Response[LivenessResponse]:
+    async def livez(self, worker: NamedDependency[InferencePool]) -> Response[LivenessResponse]:
         """200 while the process and its inference threads live: also while the model loads,
         while the queue is full and while draining. 503 only once a thread has died (or its
         model failed to load): then a restart helps, and nothing else does."""

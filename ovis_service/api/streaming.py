@@ -26,7 +26,7 @@ from ovis_service.jobs import Generation, ImageDone, PreviewReady, StepDone
 from ovis_service.model_source import public_model_name
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import GenerationParams
-from ovis_service.worker import InferenceWorker
+from ovis_service.worker.pool import InferencePool
 
 logger = structlog.get_logger(__name__)
 
@@ -60,7 +60,7 @@ async def native_events(
     generation: Generation,
     params: GenerationParams,
     settings: Settings,
-    worker: InferenceWorker,
+    worker: InferencePool,
     fields: dict[str, object],
 ) -> AsyncIterator[ServerSentEventMessage]:
     try:
@@ -90,7 +90,7 @@ async def openai_events(
     generation: Generation,
     params: list[GenerationParams],
     settings: Settings,
-    worker: InferenceWorker,
+    worker: InferencePool,
     *,
     fields: dict[str, object],
     image_format: ImageFormat,

@@ -12,14 +12,7 @@ import structlog
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from ovis_service.errors import (
-    DeadlineExceededError,
-    NotReadyError,
-    OverloadedError,
-    ServiceError,
-    ShuttingDownError,
-    UnauthorizedError,
-)
+from ovis_service.errors import ServiceError
 from ovis_service.request_id import (
     NO_REQUEST_ID,
     REQUEST_ID_HEADER,
@@ -43,10 +36,9 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
     param: str | None = None
     if isinstance(exc, ServiceError):
         status, detail, param = exc.status_code, exc.detail, exc.param
+        headers.update(exc.headers)
         if exc.retry_after is not None:
             headers["Retry-After"] = str(exc.retry_after)
-        if isinstance(exc, UnauthorizedError):
-            headers["WWW-Authenticate"] = "Bearer"
     elif isinstance(exc, ValidationException):
         status, detail, param = _describe_validation(exc)
     elif isinstance(exc, HTTPException) and exc.detail == _CLIENT_LEFT_MID_BODY:
@@ -115,19 +107,18 @@ def _openai_body(status: int, detail: str, param: str | None, exc: Exception) ->
     }
 
 
+# Errors raised by Litestar itself, which carry only a status.
+_OPENAI_CODES_BY_STATUS = {
+    404: "not_found",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
 def _openai_code(status: int, exc: Exception) -> str | None:
-    if isinstance(exc, OverloadedError):
-        return "out_of_memory" if "memory" in exc.detail else "queue_full"
-    codes: list[tuple[type[Exception], str]] = [
-        (UnauthorizedError, "invalid_api_key"),
-        (NotReadyError, "model_not_ready"),
-        (ShuttingDownError, "shutting_down"),
-        (DeadlineExceededError, "timeout"),
-    ]
-    for error_class, code in codes:
-        if isinstance(exc, error_class):
-            return code
-    return {404: "not_found", 413: "request_too_large", 415: "unsupported_media_type"}.get(status)
+    if isinstance(exc, ServiceError):
+        return exc.openai_code
+    return _OPENAI_CODES_BY_STATUS.get(status)
 
 
 def _too_large(request: Request[Any, Any, Any]) -> str:

@@ -2,12 +2,14 @@
 worker's states and snapshots, and the observer that metrics plug into."""
 
 import asyncio
+import contextlib
 import enum
 import threading
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 from ovis_service.engine import EngineInfo, GenerationResult, PreviewCallback, ProgressCallback
+from ovis_service.errors import RejectReason
 from ovis_service.schemas import GenerationParams
 from ovis_service.wait_estimate import step_pixels
 
@@ -20,9 +22,6 @@ class WorkerState(enum.Enum):
     STOPPED = "stopped"
     FAILED = "failed"  # a model did not load
     DEAD = "dead"  # a thread ended unexpectedly
-
-
-RejectReason = Literal["queue_full", "loading", "shutting_down", "out_of_memory", "deadline"]
 
 
 class WorkerObserver(Protocol):
@@ -59,6 +58,17 @@ class Job:
         self.cancelled.set()
 
     @property
+    def abandoned(self) -> bool:
+        """Cancelled, or nobody awaits its answer any more."""
+        return self.cancelled.is_set() or self.future.cancelled()
+
+    def resolve(self, outcome: "JobOutcome | BaseException") -> None:
+        """Hand the answer to the event loop; safe from any thread."""
+        # A closed event loop raises RuntimeError: nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_settle, self.future, outcome)
+
+    @property
     def work(self) -> int:
         return step_pixels(self.params.num_inference_steps, self.params.width, self.params.height)
 
@@ -93,3 +103,13 @@ class WorkerSnapshot:
         return sum(
             thread.state in (WorkerState.LOADING, WorkerState.READY) for thread in self.threads
         )
+
+
+def _settle(future: "asyncio.Future[JobOutcome]", outcome: JobOutcome | BaseException) -> None:
+    # Runs on the event loop; a client that went away has already cancelled its future.
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
