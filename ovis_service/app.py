@@ -22,28 +22,21 @@ from ovis_service.logs import configure_logging
 from ovis_service.metrics import METRICS_STATE_KEY, ServiceMetrics
 from ovis_service.model_source import preflight
 from ovis_service.request_id import RequestIdMiddleware
-from ovis_service.schemas import GenerationParams
+from ovis_service.schemas import DEFAULT_IMAGE_SIZE, GenerationParams
 from ovis_service.worker.pool import InferencePool
 
 logger = structlog.get_logger(__name__)
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
-_WARMUP_SIZE = 1024  # the default request size, so the common case finds its kernels ready
-
 
 def _warmup_params(settings: Settings) -> GenerationParams | None:
+    """Two steps at the default request size (so the common case finds its kernels ready), with
+    guidance on, so the guidance path is exercised too."""
     if not settings.warmup:
         return None
-    return GenerationParams(
-        prompt="warm-up",
-        negative_prompt="",
-        num_inference_steps=2,
-        cfg_scale=5.0,  # exercises the guidance path too
-        width=min(_WARMUP_SIZE, settings.max_image_size),
-        height=min(_WARMUP_SIZE, settings.max_image_size),
-        seed=0,
-    )
+    side = min(DEFAULT_IMAGE_SIZE, settings.max_image_size)
+    return GenerationParams(prompt="warm-up", num_inference_steps=2, width=side, height=side)
 
 
 def _default_engines(settings: Settings) -> tuple[list[Engine], list[str]]:

@@ -13,6 +13,7 @@ IMAGE_SIZE_STEP = 16
 MAX_CFG_SCALE = 20.0
 DEFAULT_STEPS = 50
 DEFAULT_IMAGE_SIZE = 1024
+DEFAULT_CFG_SCALE = 5.0
 # One character that `str.strip()` keeps. The whitespace is spelled out because `\s` means less
 # in a JSON Schema (ECMA) regex than in Python's: it lacks U+001C-U+001F and U+0085.
 NOT_BLANK_PATTERN = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
@@ -80,7 +81,7 @@ def generate_request_type(
                     "and halves the work per step.",
                 ),
             ],
-            5.0,
+            DEFAULT_CFG_SCALE,
         ),
         (
             "image_size",
@@ -189,15 +190,15 @@ def decode_generate_request(
 
 
 class GenerationParams(msgspec.Struct, frozen=True, kw_only=True):
-    """One validated job, with the seed already chosen."""
+    """One validated job, with the seed already chosen; the defaults are the API's."""
 
     prompt: str
-    negative_prompt: str
-    num_inference_steps: int
-    cfg_scale: float
-    width: int
-    height: int
-    seed: int
+    negative_prompt: str = ""
+    num_inference_steps: int = DEFAULT_STEPS
+    cfg_scale: float = DEFAULT_CFG_SCALE
+    width: int = DEFAULT_IMAGE_SIZE
+    height: int = DEFAULT_IMAGE_SIZE
+    seed: int = 0
 
     @property
     def pixels(self) -> int:

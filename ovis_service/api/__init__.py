@@ -1,4 +1,4 @@
-"""The HTTP surfaces, one module each, over `ovis_service.jobs`:
+"""The HTTP surfaces, one module each, over `ovis_service.generation`:
 
 - `native`   `POST /generate`: JSON in, PNG/WebP/JPEG or a progress stream out
 - `openai`   `/v1/images/generations`, `/v1/models`: OpenAI's Images API

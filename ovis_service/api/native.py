@@ -11,7 +11,6 @@ from litestar.enums import RequestEncodingType
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body
 
-from ovis_service import jobs
 from ovis_service.api.common import (
     also_answers,
     bind_request_fields,
@@ -24,6 +23,7 @@ from ovis_service.api.common import (
 from ovis_service.api.streaming import EventStream, native_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, MalformedHeaderError, NotAcceptableError
+from ovis_service.generation import submit
 from ovis_service.imaging import FORMATS, MEDIA_TYPES, ImageFormat
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import (
@@ -124,7 +124,7 @@ class NativeController(Controller):
         )
         request_id = current_request_id()
         fields = bind_request_fields(params, settings, request_id)
-        generation = jobs.submit(
+        generation = submit(
             worker,
             [params],
             request_id=request_id,

@@ -16,7 +16,6 @@ from litestar.enums import RequestEncodingType
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, FromPath
 
-from ovis_service import jobs
 from ovis_service.api.common import (
     also_answers,
     bind_request_fields,
@@ -42,10 +41,12 @@ from ovis_service.api.openai_schemas import (
 from ovis_service.api.streaming import EventStream, openai_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, NotFoundError
+from ovis_service.generation import submit
 from ovis_service.imaging import ImageFormat
 from ovis_service.model_source import public_model_name
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import (
+    DEFAULT_CFG_SCALE,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_STEPS,
     MAX_SEED,
@@ -151,7 +152,9 @@ class OpenAIController(Controller):
                 prompt=data.prompt,
                 negative_prompt=data.negative_prompt or "",
                 num_inference_steps=steps,
-                cfg_scale=data.guidance_scale if data.guidance_scale is not None else 5.0,
+                cfg_scale=data.guidance_scale
+                if data.guidance_scale is not None
+                else DEFAULT_CFG_SCALE,
                 width=width,
                 height=height,
                 seed=first_seed + index if first_seed is not None else draw_seed(),
@@ -175,7 +178,7 @@ class OpenAIController(Controller):
             params[0], settings, request_id, n=count, model_asked=data.model, user=data.user
         )
         partial_images = data.partial_images or 0
-        generation = jobs.submit(
+        generation = submit(
             worker,
             params,
             request_id=request_id,

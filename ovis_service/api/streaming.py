@@ -21,8 +21,8 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from ovis_service.api.common import encode_outcome, levers_in_force, log_completed, to_b64
 from ovis_service.config import Settings
 from ovis_service.errors import GenerationFailedError, ServiceError
+from ovis_service.generation import Generation, ImageDone, PreviewReady, StepDone
 from ovis_service.imaging import ImageFormat, encode_image
-from ovis_service.jobs import Generation, ImageDone, PreviewReady, StepDone
 from ovis_service.model_source import public_model_name
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import GenerationParams

@@ -20,7 +20,7 @@ from ovis_service.pipeline.loop import MAX_SEQUENCE_LENGTH
 from ovis_service.pipeline.loop import generate as run_loop
 from ovis_service.pipeline.memory import activation_headroom, choose_offload
 from ovis_service.pipeline.tiny import TINY_MODEL_ID, build_tiny_pipeline
-from ovis_service.schemas import GenerationParams
+from ovis_service.schemas import DEFAULT_CFG_SCALE, GenerationParams
 
 logger = structlog.get_logger(__name__)
 
@@ -33,8 +33,8 @@ for _library_logging in (diffusers_logging, transformers_logging):
 # (torch specialises size-1 dimensions). One size serves all others (dynamic shapes), but not
 # 256x256: its 256 image tokens equal the 256 text tokens, and torch would specialise the graph
 # on that equality, so the next size would recompile.
-_WARMUP_SIZE = (384, 256)
-_WARMUP_GUIDANCE = (5.0, 1.0)
+_COMPILE_WARMUP_SIZE = (384, 256)
+_COMPILE_WARMUP_GUIDANCE = (DEFAULT_CFG_SCALE, 1.0)
 # torch.compile is not safe to run from two threads at once; a pool loads engines side by side.
 _COMPILE_LOCK = threading.Lock()
 
@@ -85,16 +85,14 @@ class DiffusersEngine:
 
     def _warm_up_compile(self) -> None:
         started = time.perf_counter()
-        width, height = _WARMUP_SIZE
-        for guidance in _WARMUP_GUIDANCE:
+        width, height = _COMPILE_WARMUP_SIZE
+        for guidance in _COMPILE_WARMUP_GUIDANCE:
             params = GenerationParams(
                 prompt="warm-up",
-                negative_prompt="",
                 num_inference_steps=2,
                 cfg_scale=guidance,
                 width=width,
                 height=height,
-                seed=0,
             )
             self.generate(params, StepHooks(stop_check=lambda: None))
         self._graphs_after_warmup = levers_module.compiled_graph_count()
