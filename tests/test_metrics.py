@@ -16,7 +16,7 @@ from ovis_service.app import create_app
 from ovis_service.config import Settings
 from tests.support.fakes import FakeEngine
 from tests.support.service import FAKE_COMMAND, ServiceProcess, run_service
-from tests.test_worker import GatedLoadEngine
+from tests.support.worker import GatedLoadEngine
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,164 +1,41 @@
-"""The inference worker on a fake engine: order, backpressure, cancellation, deadlines, faults,
-drain, Retry-After. Every test drives real threads and real asyncio futures, and waits on events
-(or a fake clock), never on how long something took."""
+"""The pool on fake engines: admission (all or none, idle threads count), Retry-After, the
+queue, drain and stop, loading, and several threads over one queue. Every test drives real
+threads and real asyncio futures, and waits on events (or a fake clock), never on how long
+something took."""
 
 import asyncio
 import math
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from ovis_service.engine import EngineInfo, GenerationResult, ProgressCallback, StepHooks
+from ovis_service.engine import EngineInfo, GenerationResult, StepHooks
 from ovis_service.errors import (
     DeadlineExceededError,
-    GenerationFailedError,
-    JobCancelledError,
     NotReadyError,
     OverloadedError,
-    RejectReason,
     ShuttingDownError,
 )
 from ovis_service.schemas import GenerationParams
+from ovis_service.wait_estimate import PRIOR_SECONDS_PER_STEP_MEGAPIXEL
 from ovis_service.worker.pool import InferencePool
-from ovis_service.worker.types import Job, JobOutcome, WorkerState
+from ovis_service.worker.types import JobOutcome, WorkerState
 from tests.support.fakes import FakeClock, FakeEngine
+from tests.support.worker import (
+    WAIT,
+    GatedLoadEngine,
+    RecordingObserver,
+    make_job,
+    outcome,
+    pause_at,
+    running_worker,
+    wait_for_state,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-WAIT = 10.0  # generous bound on anything that should happen "soon"
-
-
-def params(
-    prompt: str = "a fox", steps: int = 2, seed: int = 1, size: int = 256
-) -> GenerationParams:
-    return GenerationParams(
-        prompt=prompt,
-        negative_prompt="",
-        num_inference_steps=steps,
-        cfg_scale=5.0,
-        width=size,
-        height=size,
-        seed=seed,
-    )
-
-
-def make_job(
-    prompt: str = "a fox",
-    steps: int = 2,
-    deadline_in: float = math.inf,
-    request_id: str = "",
-    *,
-    size: int = 256,
-    clock: Callable[[], float] = time.monotonic,
-    on_progress: ProgressCallback | None = None,
-) -> Job:
-    loop = asyncio.get_running_loop()
-    now = clock()
-    return Job(
-        request_id=request_id or prompt,
-        params=params(prompt, steps, size=size),
-        future=loop.create_future(),
-        loop=loop,
-        deadline=now + deadline_in,
-        enqueued_at=now,
-        on_progress=on_progress,
-    )
-
-
-def pause_at(step: int) -> tuple[ProgressCallback, threading.Event, threading.Event]:
-    """A progress callback that holds the inference thread after `step` steps until released."""
-    reached, release = threading.Event(), threading.Event()
-
-    def on_progress(steps_done: int, _total: int) -> None:
-        if steps_done == step:
-            reached.set()
-            release.wait(WAIT)
-
-    return on_progress, reached, release
-
-
-def wait_for_state(worker: InferencePool, *states: WorkerState) -> None:
-    deadline = time.monotonic() + WAIT
-    while worker.snapshot().state not in states:
-        assert time.monotonic() < deadline, worker.snapshot()
-        time.sleep(0.005)
-
-
-@contextmanager
-def running_worker(
-    engine: FakeEngine, capacity: int, clock: Callable[[], float] = time.monotonic
-) -> Iterator[InferencePool]:
-    """A started, ready worker; stopped afterwards with any test gate opened."""
-    worker = InferencePool(engine, capacity=capacity, clock=clock)
-    worker.start()
-    wait_for_state(worker, WorkerState.READY)
-    try:
-        yield worker
-    finally:
-        if engine.gate is not None:
-            engine.gate.set()
-        worker.stop(drain_timeout=0)
-
-
-class GatedLoadEngine(FakeEngine):
-    """`load` waits until the test opens `load_gate`."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.load_started = threading.Event()
-        self.load_gate = threading.Event()
-
-    def load(self) -> EngineInfo:
-        self.load_started.set()
-        assert self.load_gate.wait(WAIT)
-        return super().load()
-
-
-class RecordingObserver:
-    def __init__(self) -> None:
-        self.rejected: list[RejectReason] = []
-        self.finished: list[JobOutcome] = []
-
-    def job_rejected(self, reason: RejectReason) -> None:
-        self.rejected.append(reason)
-
-    def job_finished(self, outcome: JobOutcome) -> None:
-        self.finished.append(outcome)
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine(step_seconds=0.001)
-
-
-@pytest.fixture
-def worker(engine: FakeEngine) -> Iterator[InferencePool]:
-    with running_worker(engine, capacity=2) as worker:
-        yield worker
-
-
-async def outcome(job: Job) -> JobOutcome:
-    return await asyncio.wait_for(job.future, WAIT)
-
-
-def test_jobs_run_in_submission_order_on_the_inference_thread_only(
-    engine: FakeEngine, worker: InferencePool
-) -> None:
-    async def scenario() -> None:
-        jobs = [make_job(prompt) for prompt in ("first", "second")]
-        for job in jobs:
-            worker.submit(job)
-        results = [await outcome(job) for job in jobs]
-        assert all(result.result.image.size == (256, 256) for result in results)
-
-    asyncio.run(scenario())
-    assert engine.completed == ["first", "second"]
-    assert engine.threads == {"inference-0"}
 
 
 def test_a_full_queue_is_refused_at_once_with_retry_after() -> None:
@@ -276,98 +153,6 @@ def test_a_cancelled_queued_job_never_reaches_the_engine() -> None:
     ]
 
 
-def test_a_cancelled_running_job_stops_at_the_next_step(
-    engine: FakeEngine, worker: InferencePool
-) -> None:
-    async def scenario() -> None:
-        on_progress, reached, release = pause_at(3)
-        long_job = make_job("long", steps=100, on_progress=on_progress)
-        worker.submit(long_job)
-        assert await asyncio.to_thread(reached.wait, WAIT)
-        long_job.cancel()
-        release.set()
-        with pytest.raises(JobCancelledError):
-            await outcome(long_job)
-        follow_up = make_job("follow-up")
-        worker.submit(follow_up)
-        await outcome(follow_up)
-
-    asyncio.run(scenario())
-    assert engine.completed == ["follow-up"]
-    assert engine.steps_run == 4 + 2  # the step after the cancel, then the follow-up's two
-
-
-def test_a_job_past_its_deadline_is_never_started(
-    worker: InferencePool, engine: FakeEngine
-) -> None:
-    async def scenario() -> None:
-        expired = make_job("expired", deadline_in=-1)
-        worker.submit(expired)
-        with pytest.raises(DeadlineExceededError):
-            await outcome(expired)
-
-    asyncio.run(scenario())
-    assert "expired" not in engine.started
-
-
-def test_a_running_job_is_stopped_at_the_first_step_past_its_deadline() -> None:
-    clock = FakeClock()
-    engine = FakeEngine(step_seconds=0.25, clock=clock)
-    with running_worker(engine, capacity=1, clock=clock) as worker:
-
-        async def scenario() -> None:
-            slow = make_job("slow", steps=100, deadline_in=2.0, clock=clock)
-            worker.submit(slow)
-            with pytest.raises(DeadlineExceededError) as stopped:
-                await outcome(slow)
-            assert stopped.value.status_code == 504
-
-        asyncio.run(scenario())
-    assert engine.completed == []
-    assert engine.steps_run == 9  # 8 steps reach the deadline; the ninth passes it
-
-
-def test_a_failing_job_gets_a_generic_500_and_the_thread_keeps_serving(
-    worker: InferencePool, engine: FakeEngine
-) -> None:
-    async def scenario() -> None:
-        broken = make_job("fail please", request_id="req-broken")
-        worker.submit(broken)
-        with pytest.raises(GenerationFailedError) as failed:
-            await outcome(broken)
-        assert "secret" not in failed.value.detail
-        healthy = make_job("healthy")
-        worker.submit(healthy)
-        await outcome(healthy)
-
-    with capture_logs() as logs:
-        asyncio.run(scenario())
-    assert engine.completed == ["healthy"]
-    failure = next(log for log in logs if log["event"] == "job_failed")
-    assert failure["request_id"] == "req-broken"
-    assert failure["exc_info"] is True
-    assert worker.snapshot().state is WorkerState.READY
-
-
-def test_out_of_memory_frees_the_cache_answers_503_and_keeps_serving(
-    worker: InferencePool, engine: FakeEngine
-) -> None:
-    async def scenario() -> None:
-        greedy = make_job("oom at 2048")
-        worker.submit(greedy)
-        with pytest.raises(OverloadedError) as refused:
-            await outcome(greedy)
-        assert refused.value.status_code == 503
-        assert "out of memory" in refused.value.detail
-        modest = make_job("modest")
-        worker.submit(modest)
-        await outcome(modest)
-
-    asyncio.run(scenario())
-    assert engine.oom_recoveries == 1
-    assert engine.completed == ["modest"]
-
-
 def test_stop_drains_queued_jobs_then_releases_the_engine() -> None:
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
@@ -480,53 +265,6 @@ def test_jobs_are_refused_while_the_model_loads() -> None:
         worker.stop(drain_timeout=0)
 
 
-def test_a_model_that_fails_to_load_leaves_the_worker_failed() -> None:
-    engine = FakeEngine(load_error=OSError("no such model"))
-    worker = InferencePool(engine, capacity=2)
-    with capture_logs() as logs:
-        worker.start()
-        wait_for_state(worker, WorkerState.FAILED)
-    snapshot = worker.snapshot()
-    assert snapshot.detail == "model failed to load: no such model"
-    # One line names the cause; the traceback is only in the DEBUG record.
-    [failed] = [log for log in logs if log["event"] == "model_load_failed"]
-    assert failed["cause"] == "no such model"
-    assert "exc_info" not in failed
-    [trace] = [log for log in logs if log["event"] == "model_load_traceback"]
-    assert trace["log_level"] == "debug"
-
-    async def scenario() -> None:
-        with pytest.raises(NotReadyError):
-            worker.submit(make_job())
-
-    asyncio.run(scenario())
-    worker.stop(drain_timeout=0)
-    assert worker.snapshot().state is WorkerState.FAILED  # a failed start never reads as clean
-
-
-class _BrokenRecoveryEngine(FakeEngine):
-    """A fault outside the per-job guard: recovering from OOM itself blows up."""
-
-    def recover_from_oom(self) -> None:
-        raise RuntimeError("driver gone")
-
-
-def test_a_dead_inference_thread_shows_in_the_snapshot_and_fails_waiting_jobs() -> None:
-    engine = _BrokenRecoveryEngine()
-
-    async def scenario(worker: InferencePool) -> None:
-        fatal = make_job("oom that kills")
-        worker.submit(fatal)
-        with pytest.raises(NotReadyError):
-            await outcome(fatal)
-
-    with capture_logs() as logs, running_worker(engine, capacity=2) as worker:
-        asyncio.run(scenario(worker))
-        assert worker.snapshot().state is WorkerState.DEAD
-        assert worker.snapshot().threads_alive == 0
-    assert any(log["event"] == "inference_thread_died" for log in logs)
-
-
 def test_start_and_stop_are_idempotent(engine: FakeEngine) -> None:
     worker = InferencePool(engine, capacity=1)
     worker.start()
@@ -601,3 +339,153 @@ def test_the_observer_hears_every_refusal_with_its_reason_and_every_finished_job
         "shutting_down",
     ]
     assert len(observer.finished) == 1
+
+
+@contextmanager
+def pool(engines: list[FakeEngine], capacity: int = 4) -> Iterator[InferencePool]:
+    worker = InferencePool(
+        engines, capacity=capacity, labels=[f"cpu#{i}" for i in range(len(engines))]
+    )
+    worker.start()
+    wait_for_state(worker, WorkerState.READY)
+    try:
+        yield worker
+    finally:
+        for engine in engines:
+            if engine.gate is not None:
+                engine.gate.set()
+        worker.stop(drain_timeout=0)
+
+
+def test_two_threads_run_two_jobs_at_once_and_share_the_wait() -> None:
+    gate = threading.Event()
+    engines = [FakeEngine(gate=gate), FakeEngine(gate=gate)]
+    with pool(engines) as worker:
+
+        async def scenario() -> None:
+            running = [make_job(f"run-{i}", steps=50, size=1024) for i in range(2)]
+            for job in running:
+                worker.submit(job)
+            for engine in engines:
+                assert await asyncio.to_thread(engine.running.wait, WAIT)
+            queued = [make_job(f"queued-{i}", steps=50, size=1024) for i in range(2)]
+            for job in queued:
+                worker.submit(job)
+            snapshot = worker.snapshot()
+            assert snapshot.running == 2
+            assert snapshot.queue_depth == 2
+            assert [t.status for t in snapshot.threads] == ["busy", "busy"]
+            assert {t.request_id for t in snapshot.threads} == {"run-0", "run-1"}
+            assert [t.device for t in snapshot.threads] == ["cpu", "cpu"]  # from the engines
+            # 4 jobs x 50 steps of 1024x1024 at the prior rate, shared by two threads.
+            megapixels = 1024 * 1024 / 1_000_000
+            expected = math.ceil(PRIOR_SECONDS_PER_STEP_MEGAPIXEL * 200 * megapixels / 2)
+            assert worker.retry_after() == expected
+            gate.set()
+            for job in [*running, *queued]:
+                await outcome(job)
+
+        asyncio.run(scenario())
+    assert all(engine.completed for engine in engines)
+    assert engines[0].threads == {"inference-0"}
+    assert engines[1].threads == {"inference-1"}
+
+
+def test_stop_drains_every_thread_and_releases_every_engine() -> None:
+    gate = threading.Event()
+    engines = [FakeEngine(gate=gate), FakeEngine(gate=gate)]
+    worker = InferencePool(engines, capacity=4)
+    worker.start()
+    wait_for_state(worker, WorkerState.READY)
+
+    async def scenario() -> None:
+        jobs = [make_job(f"job-{i}") for i in range(6)]
+        for job in jobs[:2]:
+            worker.submit(job)
+        for engine in engines:
+            assert await asyncio.to_thread(engine.running.wait, WAIT)
+        for job in jobs[2:]:
+            worker.submit(job)
+        worker.begin_drain(30)
+        gate.set()
+        await asyncio.to_thread(worker.stop, 30)
+        for job in jobs:
+            await outcome(job)
+
+    asyncio.run(scenario())
+    assert sorted(engines[0].completed + engines[1].completed) == [f"job-{i}" for i in range(6)]
+    assert all(engine.released for engine in engines)
+    snapshot = worker.snapshot()
+    assert snapshot.state is WorkerState.STOPPED
+    assert [t.state for t in snapshot.threads] == [WorkerState.STOPPED] * 2
+    assert snapshot.threads_alive == 0
+
+
+def test_one_thread_failing_to_load_fails_the_pool_and_names_its_device() -> None:
+    engines = [FakeEngine(), FakeEngine(load_error=MemoryError("no room"))]
+    worker = InferencePool(engines, capacity=2, labels=["cuda:0", "cuda:1"])
+    worker.start()
+    wait_for_state(worker, WorkerState.FAILED)
+    snapshot = worker.snapshot()
+    assert snapshot.detail is not None
+    assert snapshot.detail.startswith("cuda:1: model failed to load")
+    assert [t.state for t in snapshot.threads][1] is WorkerState.FAILED
+
+    async def scenario() -> None:
+        with pytest.raises(NotReadyError) as refused:
+            worker.submit(make_job())
+        assert "cuda:1" in refused.value.detail
+
+    asyncio.run(scenario())
+    worker.stop(drain_timeout=0)
+    assert engines[0].released  # the healthy thread still gives its memory back
+    assert worker.snapshot().state is WorkerState.FAILED
+
+
+class _BrokenRecoveryEngine(FakeEngine):
+    def recover_from_oom(self) -> None:
+        raise RuntimeError("driver gone")
+
+
+def test_a_dead_thread_marks_the_pool_dead_while_the_other_lives() -> None:
+    # Both engines break the same way; whichever thread takes the job dies.
+    engines: list[FakeEngine] = [_BrokenRecoveryEngine(), _BrokenRecoveryEngine()]
+    with pool(engines) as worker:
+
+        async def scenario() -> None:
+            fatal = make_job("oom that kills")
+            worker.submit(fatal)
+            with pytest.raises(NotReadyError):
+                await outcome(fatal)
+
+        asyncio.run(scenario())
+        snapshot = worker.snapshot()
+        assert snapshot.state is WorkerState.DEAD
+        assert snapshot.threads_alive == 1
+        assert sorted(t.state.value for t in snapshot.threads) == ["dead", "ready"]
+
+
+class _OverlapEngine(FakeEngine):
+    """Records whether another engine's load ran while this one was loading."""
+
+    def __init__(self, loading: threading.Event, overlapped: threading.Event) -> None:
+        super().__init__()
+        self._loading = loading
+        self._overlapped = overlapped
+
+    def load(self) -> EngineInfo:
+        if self._loading.is_set():
+            self._overlapped.set()
+        self._loading.set()
+        # Gives a parallel load every chance to begin meanwhile.
+        self._overlapped.wait(0.2)
+        self._loading.clear()
+        return super().load()
+
+
+def test_loads_run_one_at_a_time() -> None:
+    loading, overlapped = threading.Event(), threading.Event()
+    engines: list[FakeEngine] = [_OverlapEngine(loading, overlapped) for _ in range(2)]
+    with pool(engines):
+        pass
+    assert not overlapped.is_set()
