@@ -142,11 +142,11 @@ class InferencePool:
         with self.lock:
             state = self._state_locked()
             if state is not WorkerState.READY:
-                raise self._count(self._refusal_locked(state))
+                raise self.count_rejection(self._refusal_locked(state))
             running = sum(thread.job is not None for thread in self._threads)
             live = sum(thread.observed_state is WorkerState.READY for thread in self._threads)
             if self._queued + running + len(jobs) > live + self._capacity:
-                raise self._count(
+                raise self.count_rejection(
                     OverloadedError(
                         "the queue is full; retry later"
                         if len(jobs) == 1
@@ -159,9 +159,12 @@ class InferencePool:
                 self._queued_work += job.work
                 self._queue.put_nowait(job)
 
-    def count_rejection(self, error: ServiceError) -> None:
-        """For refusals decided outside the pool, such as a request's own deadline."""
-        self._count(error)
+    def count_rejection(self, error: ServiceError) -> ServiceError:
+        """Count `error` under its reject reason, if it has one (the threads call this, and so
+        do handlers for refusals decided outside the pool, such as a request's own deadline)."""
+        if error.reject_reason is not None:
+            self._observer.job_rejected(error.reject_reason)
+        return error
 
     def snapshot(self) -> WorkerSnapshot:
         with self.lock:
@@ -215,9 +218,6 @@ class InferencePool:
                 reason="client_disconnected",
             )
 
-    def reject(self, job: Job, error: ServiceError) -> None:
-        job.resolve(self._count(error))
-
     def finished(self, outcome: JobOutcome, work: int) -> None:
         with self.lock:
             self._estimator.record(outcome.generation_seconds, work)
@@ -234,14 +234,9 @@ class InferencePool:
                     self._queued -= 1
                     self._queued_work -= job.work
                 logger.info("job_dropped", request_id=job.request_id, reason=error.detail)
-                self.reject(job, error)
+                job.resolve(self.count_rejection(error))
 
     # -- internals ------------------------------------------------------------------------------
-
-    def _count(self, error: ServiceError) -> ServiceError:
-        if error.reject_reason is not None:
-            self._observer.job_rejected(error.reject_reason)
-        return error
 
     def _retry_after_locked(self) -> int:
         running = sum(thread.work_left() for thread in self._threads)

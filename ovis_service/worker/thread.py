@@ -43,8 +43,8 @@ class JobSource(Protocol):
         """The next job, already marked as running on `thread`; None once the pool stops."""
         ...
 
-    def reject(self, job: Job, error: ServiceError) -> None:
-        """Answer `job` with `error`, counting it as a rejection if it is one."""
+    def count_rejection(self, error: ServiceError) -> ServiceError:
+        """Count `error` in the metrics if it is a rejection; returns it."""
         ...
 
     def finished(self, outcome: JobOutcome, work: int) -> None: ...
@@ -183,39 +183,42 @@ class InferenceThread:
         return True
 
     def _run(self, job: Job) -> None:
-        self._generate(job, logger.bind(request_id=job.request_id, thread=self.index))
-        # Not in a `finally`: if `_generate` itself breaks, `_main` fails this job.
+        answer = self._generate(job, logger.bind(request_id=job.request_id, thread=self.index))
+        # The thread is free before the client hears back, so a client that sends its next
+        # request on the answer finds the capacity it just gave back. Not in a `finally`: if
+        # `_generate` itself breaks, `_main` fails this job.
         with self._source.lock:
             self.job = None
+        job.resolve(answer)
 
-    def _generate(self, job: Job, log: FilteringBoundLogger) -> None:
+    def _generate(self, job: Job, log: FilteringBoundLogger) -> JobOutcome | ServiceError:
         source = self._source
         started = source.clock()
         if started > job.deadline:
             log.info("job_skipped", reason="deadline_passed")
-            source.reject(job, DeadlineExceededError("the request deadline passed while queued"))
-            return
+            return source.count_rejection(
+                DeadlineExceededError("the request deadline passed while queued")
+            )
         try:
             result = self.engine.generate(job.params, self._hooks(job))
         except ServiceError as exc:
             log.info("job_stopped", reason=type(exc).__name__, detail=exc.detail)
-            source.reject(job, exc)
+            return source.count_rejection(exc)
         except Exception as exc:
             if not self.engine.is_out_of_memory(exc):
                 log.exception("job_failed")
-                job.resolve(GenerationFailedError())
-                return
+                return GenerationFailedError()
             log.warning("job_out_of_memory", width=job.params.width, height=job.params.height)
             self.engine.recover_from_oom()
             message = (
                 "the GPU ran out of memory for this request; retry, or ask for a smaller image_size"
             )
-            source.reject(job, OutOfMemoryError(message, retry_after=source.retry_after()))
-        else:
-            seconds = source.clock() - started
-            outcome = JobOutcome(result, started - job.enqueued_at, seconds)
-            source.finished(outcome, job.work)
-            job.resolve(outcome)
+            return source.count_rejection(
+                OutOfMemoryError(message, retry_after=source.retry_after())
+            )
+        outcome = JobOutcome(result, started - job.enqueued_at, source.clock() - started)
+        source.finished(outcome, job.work)
+        return outcome
 
     def _hooks(self, job: Job) -> StepHooks:
         report = job.on_progress

@@ -1,13 +1,16 @@
-"""End to end with two inference threads on the CPU (`OVIS_DEVICES=cpu`, `--workers 2`) and the
-tiny real pipeline: jobs run side by side, a seed gives the same bytes on either thread, and
-SIGTERM drains both threads and exits 0."""
+"""End to end with two inference threads on the CPU (`OVIS_DEVICES=cpu`, `--workers 2`), a queue
+of one (`OVIS_QUEUE_SIZE=1`) and the tiny real pipeline: idle threads count as capacity, jobs run
+side by side, a seed gives the same bytes on either thread, and SIGTERM drains both threads and
+exits 0 (last, since it stops the module's one service)."""
 
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,7 +27,7 @@ WAIT = 120.0
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    env = {"OVIS_DEVICES": "cpu", "OVIS_WARMUP": "false"}
+    env = {"OVIS_DEVICES": "cpu", "OVIS_WARMUP": "false", "OVIS_QUEUE_SIZE": "1"}
     command = [*TINY_COMMAND, "--workers", "2"]
     with run_service(tmp_path_factory.mktemp("pool"), env=env, command=command) as service:
         yield service
@@ -65,6 +68,58 @@ def test_two_threads_serve_side_by_side_with_the_same_bytes_for_a_seed(
     assert first.status_code == second.status_code == 200
     assert first.content == second.content  # one ran on each thread, with its own pipeline
     assert first.headers["x-seed"] == "7"
+
+
+QUICK = {"prompt": "a lighthouse", "num_inference_steps": 2, "image_size": 256}
+ROUNDS = 12
+
+
+def post_together(service: ServiceProcess, bodies: list[dict[str, Any]]) -> list[int]:
+    """Send every body at the same instant (a barrier releases the threads) and return the
+    status codes in the order of `bodies`."""
+    barrier = threading.Barrier(len(bodies))
+    clients = [service.client(timeout=WAIT) for _ in bodies]
+    for client in clients:  # connect first, so the barrier releases requests, not handshakes
+        assert client.get("/livez").status_code == 200
+
+    def send(index: int) -> int:
+        barrier.wait(WAIT)
+        return clients[index].post("/generate", json=bodies[index]).status_code
+
+    try:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            return list(pool.map(send, range(len(bodies))))
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_two_requests_arriving_together_on_two_idle_threads_are_both_served(
+    service: ServiceProcess,
+) -> None:
+    for round_number in range(ROUNDS):
+        bodies = [{**QUICK, "seed": round_number * 2 + i} for i in range(2)]
+        assert post_together(service, bodies) == [200, 200], f"round {round_number}"
+
+
+def test_n_2_on_the_idle_pair_is_served(service: ServiceProcess) -> None:
+    client = openai.OpenAI(base_url=service.base_url + "/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(
+        prompt="two lighthouses",
+        n=2,
+        size="256x256",
+        extra_body={"num_inference_steps": 2, "seed": 11},
+    )
+    assert [image.model_extra["seed"] for image in result.data or []] == [11, 12]
+
+
+def test_four_slow_requests_together_get_three_answers_and_one_503(
+    service: ServiceProcess,
+) -> None:
+    slow = {**SLOW, "num_inference_steps": 6}  # still seconds: all four arrive long before
+    statuses = post_together(service, [{**slow, "seed": seed} for seed in range(4)])
+    # Two threads and one queue place: three are taken, the fourth is refused at once.
+    assert sorted(statuses) == [200, 200, 200, 503]
 
 
 def test_sigterm_drains_both_threads_and_exits_zero(service: ServiceProcess) -> None:

@@ -489,3 +489,71 @@ def test_loads_run_one_at_a_time() -> None:
     with pool(engines):
         pass
     assert not overlapped.is_set()
+
+
+def test_idle_threads_are_capacity_too_and_the_queue_keeps_its_places() -> None:
+    """`queued + running + n <= live threads + OVIS_QUEUE_SIZE`: two idle threads and a queue of
+    one take three jobs at once, whether or not a thread has picked any up yet."""
+    gate = threading.Event()
+    engines = [FakeEngine(gate=gate), FakeEngine(gate=gate)]
+    with pool(engines, capacity=1) as worker:
+
+        async def scenario() -> None:
+            jobs = [make_job(f"burst-{i}") for i in range(3)]
+            worker.submit_all(jobs)  # before either thread can take one
+            with pytest.raises(OverloadedError):
+                worker.submit(make_job("fourth"))
+            for engine in engines:
+                assert await asyncio.to_thread(engine.running.wait, WAIT)
+            snapshot = worker.snapshot()
+            assert (snapshot.running, snapshot.queue_depth, snapshot.capacity) == (2, 1, 1)
+            with pytest.raises(OverloadedError):
+                worker.submit(make_job("still no room"))
+            gate.set()
+            for job in jobs:
+                await outcome(job)
+            # Everything has answered, so every place is free again.
+            worker.submit_all(again := [make_job(f"again-{i}") for i in range(3)])
+            for job in again:
+                await outcome(job)
+
+        asyncio.run(scenario())
+    started = engines[0].started + engines[1].started
+    assert "fourth" not in started
+    assert "still no room" not in started
+
+
+def test_a_request_for_as_many_images_as_idle_threads_is_admitted_whole() -> None:
+    gate = threading.Event()
+    engines = [FakeEngine(gate=gate), FakeEngine(gate=gate)]
+    with pool(engines, capacity=1) as worker:
+
+        async def scenario() -> None:
+            with pytest.raises(OverloadedError) as refused:
+                worker.submit_all([make_job(f"too-many-{i}") for i in range(4)])
+            assert "no room for 4 images" in refused.value.detail
+            assert worker.snapshot().queue_depth == 0  # none of the four was queued
+            pair = [make_job(f"pair-{i}") for i in range(2)]
+            worker.submit_all(pair)
+            gate.set()
+            for job in pair:
+                await outcome(job)
+
+        asyncio.run(scenario())
+
+
+def test_a_thread_is_free_again_by_the_time_its_client_hears_back() -> None:
+    """A client that sends its next request as soon as it has its answer must find the thread
+    it just used counted as idle, never as still running."""
+    engine = FakeEngine()
+    with running_worker(engine, capacity=1) as worker:
+
+        async def scenario() -> None:
+            for round_number in range(50):
+                first, second = make_job(f"a-{round_number}"), make_job(f"b-{round_number}")
+                worker.submit_all([first, second])  # one runs, one waits: all places taken
+                await outcome(first)
+                await outcome(second)
+                assert worker.snapshot().running == 0
+
+        asyncio.run(scenario())
