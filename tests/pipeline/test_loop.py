@@ -3,6 +3,9 @@
 When a diffusers upgrade changes how `__call__` makes an image, these tests are what fail.
 """
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +20,10 @@ from ovis_service.schemas import GenerationParams
 
 # One 8-bit level: batching cond and uncond changes float summation order, nothing more.
 TOLERANCE = 1
+# Before the VAE no rounding to 8 bits hides a difference. Batching moves the tiny model's final
+# latents by about 1e-6; guidance moves them by about 6e-4 (a scale 0.5 higher) to 1e-2 (no
+# negative prompt, or guidance off), so a guidance bug lands far above this bound.
+LATENT_TOLERANCE = 1e-4
 
 
 def params(**overrides: object) -> GenerationParams:
@@ -33,24 +40,59 @@ def params(**overrides: object) -> GenerationParams:
     return GenerationParams(**values)  # type: ignore[arg-type]
 
 
+class LatentsSpy:
+    """Stands in for the VAE's `decode` and keeps the latents it was last given: both the
+    pipeline's `__call__` and our loop end there, so their outputs can be compared before the
+    8-bit rounding."""
+
+    def __init__(self, pipe: OvisImagePipeline) -> None:
+        self._decode = pipe.vae.decode
+        self.last: torch.Tensor | None = None
+        pipe.vae.decode = self
+
+    def __call__(self, latents: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.last = latents.detach().clone()
+        return self._decode(latents, *args, **kwargs)
+
+    def take(self) -> torch.Tensor:
+        latents, self.last = self.last, None
+        assert latents is not None, "the VAE decoded nothing"
+        return latents
+
+
+@dataclass(frozen=True)
+class Run:
+    image: np.ndarray  # int16, so that differences cannot wrap around
+    latents: torch.Tensor  # what the VAE decoded into `image`
+
+
 @pytest.fixture(scope="module")
 def pipe() -> OvisImagePipeline:
     pipe = build_tiny_pipeline()
     pipe.set_progress_bar_config(disable=True)
+    LatentsSpy(pipe)
     return pipe
 
 
-def reference(pipe: OvisImagePipeline, p: GenerationParams) -> np.ndarray:
+def _latents(pipe: OvisImagePipeline) -> torch.Tensor:
+    spy = pipe.vae.decode
+    assert isinstance(spy, LatentsSpy)
+    return spy.take()
+
+
+def reference(pipe: OvisImagePipeline, p: GenerationParams) -> Run:
     with torch.inference_mode():
-        return np.asarray(loop.call_pipeline(pipe, p), dtype=np.int16)
+        image = loop.call_pipeline(pipe, p)
+    return Run(np.asarray(image, dtype=np.int16), _latents(pipe))
 
 
 def ours(
     pipe: OvisImagePipeline, p: GenerationParams, hooks: StepHooks | None = None, *, batch: bool
-) -> np.ndarray:
+) -> Run:
     with torch.inference_mode():
         image = loop.generate(pipe, p, hooks or StepHooks(stop_check=lambda: None), cfg_batch=batch)
-    return np.asarray(image, dtype=np.int16)
+    # A preview decodes too; the final image is the last thing decoded.
+    return Run(np.asarray(image, dtype=np.int16), _latents(pipe))
 
 
 CASES = [
@@ -71,15 +113,21 @@ def test_the_loop_matches_the_pipelines_call(
     p = params(width=width, height=height, num_inference_steps=steps, cfg_scale=guidance)
     expected = reference(pipe, p)
     got = ours(pipe, p, batch=batch)
-    assert got.shape == expected.shape == (height, width, 3)
-    assert int(np.abs(got - expected).max()) <= TOLERANCE
+    assert got.image.shape == expected.image.shape == (height, width, 3)
+    assert int(np.abs(got.image - expected.image).max()) <= TOLERANCE
     # The comparison means something only if the image is not flat.
-    assert expected.std() > 1
+    assert expected.image.std() > 1
+    # Guidance barely moves the tiny model's pixels; its latents show a wrong formula or a
+    # dropped negative prompt.
+    assert got.latents.shape == expected.latents.shape
+    assert float((got.latents - expected.latents).abs().max()) <= LATENT_TOLERANCE
 
 
 def test_sequential_guidance_is_bit_identical_to_the_call(pipe: OvisImagePipeline) -> None:
     p = params()
-    assert np.array_equal(ours(pipe, p, batch=False), reference(pipe, p))
+    got, expected = ours(pipe, p, batch=False), reference(pipe, p)
+    assert np.array_equal(got.image, expected.image)
+    assert torch.equal(got.latents, expected.latents)
 
 
 def test_batched_guidance_runs_one_forward_of_batch_two_per_step(pipe: OvisImagePipeline) -> None:
@@ -116,7 +164,9 @@ def test_hooks_see_every_step_and_previews_only_where_asked(pipe: OvisImagePipel
         preview_steps=frozenset({2, 4}),
         on_preview=lambda done, image: previews.append((done, image)),
     )
-    final = ours(pipe, params(num_inference_steps=4, width=384, height=256), hooks, batch=True)
+    final = ours(
+        pipe, params(num_inference_steps=4, width=384, height=256), hooks, batch=True
+    ).image
     assert stops == 4
     assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert [done for done, _ in previews] == [2, 4]
