@@ -10,7 +10,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from ovis_service.api import ROUTE_HANDLERS, signature_namespace
-from ovis_service.api.dependencies import DEPENDENCIES, SETTINGS_STATE_KEY, WORKER_STATE_KEY
+from ovis_service.api.dependencies import DEPENDENCIES, Services
 from ovis_service.api.docs import SCHEMA_PATH, docs_router, swagger_ui
 from ovis_service.api.errors import handle_exception
 from ovis_service.api.ops import metrics_route
@@ -19,7 +19,7 @@ from ovis_service.auth import ApiKeyGuard
 from ovis_service.config import Settings, load_settings
 from ovis_service.engine import Engine
 from ovis_service.logs import configure_logging
-from ovis_service.metrics import METRICS_STATE_KEY, ServiceMetrics
+from ovis_service.metrics import ServiceMetrics
 from ovis_service.model_source import preflight
 from ovis_service.request_id import RequestIdMiddleware
 from ovis_service.schemas import DEFAULT_IMAGE_SIZE, GenerationParams
@@ -134,12 +134,5 @@ def create_app(
         ),
         logging_config=None,  # structlog owns logging
     )
-    app.state[WORKER_STATE_KEY] = worker
-    app.state[SETTINGS_STATE_KEY] = settings
-    app.state[METRICS_STATE_KEY] = metrics
+    Services(worker=worker, settings=settings, metrics=metrics).store_in(app.state)
     return app
-
-
-def worker_of(app: Litestar) -> InferencePool:
-    worker: InferencePool = app.state[WORKER_STATE_KEY]
-    return worker

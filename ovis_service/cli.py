@@ -12,7 +12,8 @@ import structlog
 import uvicorn
 from litestar import Litestar
 
-from ovis_service.app import create_app, worker_of
+from ovis_service.api.dependencies import services_in
+from ovis_service.app import create_app
 from ovis_service.config import Settings, SettingsError, load_settings
 from ovis_service.envfile import apply_env_file
 from ovis_service.logs import configure_logging
@@ -131,7 +132,7 @@ def _serve(settings: Settings, host: str, port: int) -> int:
 
 def run_server(app: Litestar, settings: Settings, *, host: str, port: int) -> int:
     """Serve `app` in this process until SIGTERM/SIGINT; 0 after a clean drain, 1 otherwise."""
-    worker = worker_of(app)
+    worker = services_in(app.state).worker
     config = uvicorn.Config(app, host=host, port=port, log_config=None, server_header=False)
     server = DrainingServer(config, worker, settings.drain_timeout)
     previous = {

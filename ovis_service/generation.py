@@ -1,27 +1,65 @@
-"""Submit a request's jobs and await them: the one path every API shares.
+"""From a request to its jobs and from their outcomes to image files: the one path every API
+shares.
 
 A request becomes one job per image. Each job goes through the one bounded queue, so queue depth,
 Retry-After, deadlines and cancellation stay per image, and with several inference threads the
-images of one request run side by side. The worker never knows which API asked.
+images of one request run side by side. The pool never knows which API asked; each API only
+translates its body into `GenerationParams` and the finished `EncodedImage`s into its answer.
 """
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import structlog
 from litestar import Request
 from PIL import Image
 
 from ovis_service.errors import DeadlineExceededError, JobCancelledError
+from ovis_service.imaging import ImageFormat, encode_image
 from ovis_service.schemas import GenerationParams
 from ovis_service.worker.pool import InferencePool
 from ovis_service.worker.types import Job, JobOutcome
 
+logger = structlog.get_logger(__name__)
+
 # The worker enforces the deadline between denoising steps; this grace lets it answer first.
 DEADLINE_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a request's images become files: format, quality, and what their metadata names."""
+
+    image_format: ImageFormat
+    quality: int
+    model_name: str
+    levers: Mapping[str, str]
+
+    async def encode(self, image: Image.Image, params: GenerationParams) -> bytes:
+        """Off both the event loop and the inference thread (busy with the next job): a large
+        PNG takes a good part of a second."""
+        return await asyncio.to_thread(
+            encode_image,
+            image,
+            params,
+            self.model_name,
+            image_format=self.image_format,
+            quality=self.quality,
+            levers=self.levers,
+        )
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    index: int  # which image of the request
+    data: bytes
+    params: GenerationParams
+    outcome: JobOutcome
+    encode_seconds: float
 
 
 @dataclass(frozen=True)
@@ -61,6 +99,20 @@ class Generation:
         self.jobs = jobs
         self.timeout = timeout
         self._events = events
+
+    @property
+    def params(self) -> list[GenerationParams]:
+        return [job.params for job in self.jobs]
+
+    async def encoded(
+        self, request: Request[Any, Any, Any], encoding: Encoding, log_fields: dict[str, object]
+    ) -> list[EncodedImage]:
+        """Every image, awaited as `outcomes` does, then encoded and logged, in order."""
+        outcomes = await self.outcomes(request)
+        return [
+            await finish_image(index, outcome, job.params, encoding, log_fields)
+            for index, (outcome, job) in enumerate(zip(outcomes, self.jobs, strict=True))
+        ]
 
     def cancel(self) -> None:
         """Queued jobs are skipped, running ones stop at their next step."""
@@ -123,6 +175,33 @@ class Generation:
                 yield event
         finally:
             self.cancel()
+
+
+async def finish_image(
+    index: int,
+    outcome: JobOutcome,
+    params: GenerationParams,
+    encoding: Encoding,
+    log_fields: dict[str, object],
+    **log_extra: object,
+) -> EncodedImage:
+    """Encode one finished image and write its `request_completed` line."""
+    started = time.perf_counter()
+    data = await encoding.encode(outcome.result.image, params)
+    encode_seconds = time.perf_counter() - started
+    logger.info(
+        "request_completed",
+        status=200,
+        queue_s=round(outcome.queue_seconds, 4),
+        generation_s=round(outcome.generation_seconds, 4),
+        encode_s=round(encode_seconds, 4),
+        prompt_truncated=outcome.result.prompt_truncated,
+        format=encoding.image_format,
+        image_index=index,
+        **log_fields,
+        **log_extra,
+    )
+    return EncodedImage(index, data, params, outcome, encode_seconds)
 
 
 @dataclass(frozen=True)

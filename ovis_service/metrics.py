@@ -19,7 +19,6 @@ from prometheus_client.registry import Collector
 from ovis_service.errors import RejectReason
 from ovis_service.worker.types import JobOutcome, WorkerSnapshot, WorkerState
 
-METRICS_STATE_KEY = "metrics"
 # The classic text format, which every Prometheus 2.x parses (Litestar adds the charset).
 CONTENT_TYPE = "text/plain; version=0.0.4"
 UNMATCHED = "unmatched"  # the endpoint label of a request that matched no route

@@ -1,10 +1,7 @@
-"""Pieces every API surface uses: the JSON guard, seeds, request log fields, encoding."""
+"""Pieces every API surface uses: the JSON guard, seeds, request log fields, the encoding."""
 
-import asyncio
 import base64
 import secrets
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +19,11 @@ from litestar.openapi.spec import (
 
 from ovis_service.config import Settings
 from ovis_service.errors import UnsupportedMediaTypeError
-from ovis_service.imaging import ImageFormat, encode_image
+from ovis_service.generation import Encoding
+from ovis_service.imaging import ImageFormat
 from ovis_service.model_source import public_model_name
 from ovis_service.schemas import MAX_SEED, GenerationParams
 from ovis_service.worker.pool import InferencePool
-from ovis_service.worker.types import JobOutcome
 
 logger = structlog.get_logger(__name__)
 
@@ -69,52 +66,22 @@ def bind_request_fields(
     return fields
 
 
-async def encode_outcome(
-    outcome: JobOutcome,
-    params: GenerationParams,
+def encoding_for(
+    worker: InferencePool,
     settings: Settings,
     image_format: ImageFormat,
-    *,
     quality: int | None = None,
-    levers: Mapping[str, str] | None = None,
-) -> tuple[bytes, float]:
-    """(file bytes, seconds spent). Encoding runs off both the event loop and the inference
-    thread, which is already busy with the next job."""
-    started = time.perf_counter()
-    data = await asyncio.to_thread(
-        encode_image,
-        outcome.result.image,
-        params,
-        public_model_name(settings.model),
-        image_format=image_format,
-        quality=quality if quality is not None else quality_for(image_format, settings),
-        levers=levers,
-    )
-    return data, time.perf_counter() - started
-
-
-def levers_in_force(worker: InferencePool) -> Mapping[str, str]:
-    """The speed levers the loaded engine reports, for the image's metadata."""
+) -> Encoding:
+    """How this request's images are written: the configured quality unless the request chose
+    one, the public model name and the speed levers the loaded engine reports."""
     info = worker.snapshot().info
-    return info.levers if info is not None else {}
-
-
-def quality_for(image_format: ImageFormat, settings: Settings) -> int:
-    return settings.webp_quality if image_format == "webp" else settings.jpeg_quality
-
-
-def log_completed(
-    outcome: JobOutcome, encode_seconds: float, fields: dict[str, object], **extra: object
-) -> None:
-    logger.info(
-        "request_completed",
-        status=200,
-        queue_s=round(outcome.queue_seconds, 4),
-        generation_s=round(outcome.generation_seconds, 4),
-        encode_s=round(encode_seconds, 4),
-        prompt_truncated=outcome.result.prompt_truncated,
-        **fields,
-        **extra,
+    if quality is None:
+        quality = settings.webp_quality if image_format == "webp" else settings.jpeg_quality
+    return Encoding(
+        image_format=image_format,
+        quality=quality,
+        model_name=public_model_name(settings.model),
+        levers=info.levers if info is not None else {},
     )
 
 

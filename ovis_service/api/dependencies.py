@@ -1,27 +1,48 @@
-"""What handlers receive by injection: the worker pool and the settings live in `app.state`,
-where the lifespan that owns them put them."""
+"""What handlers receive by injection. `create_app` stores the pool, the settings and the
+metrics once, as one `Services` in `app.state`; handlers name `worker`, `settings` or `metrics`
+as parameters and Litestar provides them from there."""
+
+from dataclasses import dataclass
 
 from litestar.datastructures import State
 from litestar.di import Provide
 
 from ovis_service.config import Settings
+from ovis_service.metrics import ServiceMetrics
 from ovis_service.worker.pool import InferencePool
 
-WORKER_STATE_KEY = "worker"
-SETTINGS_STATE_KEY = "settings"
+_STATE_KEY = "services"
 
 
-def provide_worker(state: State) -> InferencePool:
-    worker: InferencePool = state[WORKER_STATE_KEY]
-    return worker
+@dataclass(frozen=True)
+class Services:
+    worker: InferencePool
+    settings: Settings
+    metrics: ServiceMetrics
+
+    def store_in(self, state: State) -> None:
+        state[_STATE_KEY] = self
 
 
-def provide_settings(state: State) -> Settings:
-    settings: Settings = state[SETTINGS_STATE_KEY]
-    return settings
+def services_in(state: State) -> Services:
+    services: Services = state[_STATE_KEY]
+    return services
+
+
+def _worker(state: State) -> InferencePool:
+    return services_in(state).worker
+
+
+def _settings(state: State) -> Settings:
+    return services_in(state).settings
+
+
+def _metrics(state: State) -> ServiceMetrics:
+    return services_in(state).metrics
 
 
 DEPENDENCIES = {
-    "worker": Provide(provide_worker, sync_to_thread=False),
-    "settings": Provide(provide_settings, sync_to_thread=False),
+    "worker": Provide(_worker, sync_to_thread=False),
+    "settings": Provide(_settings, sync_to_thread=False),
+    "metrics": Provide(_metrics, sync_to_thread=False),
 }

@@ -15,9 +15,7 @@ from ovis_service.api.common import (
     also_answers,
     bind_request_fields,
     draw_seed,
-    encode_outcome,
-    levers_in_force,
-    log_completed,
+    encoding_for,
     require_json_body,
 )
 from ovis_service.api.streaming import EventStream, native_events
@@ -112,16 +110,7 @@ class NativeController(Controller):
         except msgspec.ValidationError as exc:
             raise BadRequestError(describe_validation_error(exc)) from None
         image_format = negotiate(request)
-        width, height = data.size
-        params = GenerationParams(
-            prompt=data.prompt,
-            negative_prompt=data.negative_prompt,
-            num_inference_steps=data.num_inference_steps,
-            cfg_scale=data.cfg_scale,
-            width=width,
-            height=height,
-            seed=data.seed if data.seed is not None else draw_seed(),
-        )
+        params = generation_params(data)
         request_id = current_request_id()
         fields = bind_request_fields(params, settings, request_id)
         generation = submit(
@@ -131,27 +120,37 @@ class NativeController(Controller):
             timeout=settings.request_timeout,
             watch=image_format is None,
         )
+        encoding = encoding_for(worker, settings, image_format or "png")
+        seed_header = {"X-Seed": str(params.seed)}
         if image_format is None:
-            return EventStream(
-                native_events(generation, params, settings, worker, fields),
-                headers={"X-Seed": str(params.seed)},
-            )
-        (outcome,) = await generation.outcomes(request)
-        image, encode_seconds = await encode_outcome(
-            outcome, params, settings, image_format, levers=levers_in_force(worker)
-        )
-        log_completed(outcome, encode_seconds, fields, format=image_format)
+            return EventStream(native_events(generation, encoding, fields), headers=seed_header)
+        (image,) = await generation.encoded(request, encoding, fields)
+        outcome = image.outcome
         return Response(
-            image,
+            image.data,
             media_type=MEDIA_TYPES[image_format],
             headers={
-                "X-Seed": str(params.seed),
+                **seed_header,
                 "X-Prompt-Truncated": "true" if outcome.result.prompt_truncated else "false",
                 "Server-Timing": (
                     f"queue;dur={outcome.queue_seconds * 1000:.1f}, "
                     f"generate;dur={outcome.generation_seconds * 1000:.1f}, "
-                    f"encode;dur={encode_seconds * 1000:.1f}"
+                    f"encode;dur={image.encode_seconds * 1000:.1f}"
                 ),
                 "Vary": "Accept",
             },
         )
+
+
+def generation_params(data: GenerateRequest) -> GenerationParams:
+    """The job a valid `/generate` body asks for, with its seed drawn if it named none."""
+    width, height = data.size
+    return GenerationParams(
+        prompt=data.prompt,
+        negative_prompt=data.negative_prompt,
+        num_inference_steps=data.num_inference_steps,
+        cfg_scale=data.cfg_scale,
+        width=width,
+        height=height,
+        seed=data.seed if data.seed is not None else draw_seed(),
+    )

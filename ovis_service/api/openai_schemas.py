@@ -156,7 +156,12 @@ def images_request_type(
         ),
         (
             "seed",
-            _bounded(0, MAX_SEED, "Seed of the first image; image i uses seed + i.") | None,
+            _bounded(
+                0,
+                MAX_SEED,
+                "Seed of the first image; image i uses seed + i, wrapping to 0 past the largest.",
+            )
+            | None,
             None,
         ),
     ]

@@ -2,13 +2,12 @@
 
 import msgspec
 from litestar import Controller, Response, get
-from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.handlers import HTTPRouteHandler
 
 from ovis_service.auth import PUBLIC
 from ovis_service.config import Settings
-from ovis_service.metrics import CONTENT_TYPE, METRICS_STATE_KEY, ServiceMetrics
+from ovis_service.metrics import CONTENT_TYPE, ServiceMetrics
 from ovis_service.model_source import public_model_name
 from ovis_service.schemas import DeviceHealth, HealthResponse
 from ovis_service.worker.pool import InferencePool
@@ -86,10 +85,9 @@ def metrics_route(*, public: bool) -> HTTPRouteHandler:
     """`GET /metrics`, built per app: it needs an API key like any route when keys are set,
     unless `OVIS_METRICS_PUBLIC=true` (a scraper on a private network)."""
 
-    async def metrics(state: State) -> Response[bytes]:
+    async def metrics(metrics: NamedDependency[ServiceMetrics]) -> Response[bytes]:
         """Prometheus text format: queue, running jobs, requests, refusals, timings, process."""
-        service_metrics: ServiceMetrics = state[METRICS_STATE_KEY]
-        return Response(service_metrics.render(), media_type=CONTENT_TYPE)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return get(
         "/metrics",

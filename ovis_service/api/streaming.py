@@ -9,7 +9,6 @@ OpenAI (`"stream": true`): `image_generation.partial_image` for each preview, th
 `data: {"error": {...}}` event, which the `openai` SDK raises.
 """
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -18,15 +17,19 @@ from typing import Any
 import structlog
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from ovis_service.api.common import encode_outcome, levers_in_force, log_completed, to_b64
-from ovis_service.config import Settings
+from ovis_service.api.common import to_b64
+from ovis_service.api.errors import openai_error_body
 from ovis_service.errors import GenerationFailedError, ServiceError
-from ovis_service.generation import Generation, ImageDone, PreviewReady, StepDone
-from ovis_service.imaging import ImageFormat, encode_image
-from ovis_service.model_source import public_model_name
+from ovis_service.generation import (
+    EncodedImage,
+    Encoding,
+    Generation,
+    ImageDone,
+    PreviewReady,
+    StepDone,
+    finish_image,
+)
 from ovis_service.request_id import current_request_id
-from ovis_service.schemas import GenerationParams
-from ovis_service.worker.pool import InferencePool
 
 logger = structlog.get_logger(__name__)
 
@@ -57,11 +60,7 @@ def _log_failure(error: ServiceError) -> None:
 
 
 async def native_events(
-    generation: Generation,
-    params: GenerationParams,
-    settings: Settings,
-    worker: InferencePool,
-    fields: dict[str, object],
+    generation: Generation, encoding: Encoding, log_fields: dict[str, object]
 ) -> AsyncIterator[ServerSentEventMessage]:
     try:
         async for event in generation.stream():
@@ -69,14 +68,11 @@ async def native_events(
                 progress = {"step": event.steps_done, "total": event.total}
                 yield ServerSentEventMessage(event="progress", data=_json(progress))
             elif isinstance(event, ImageDone):
-                image, encode_seconds = await encode_outcome(
-                    event.outcome, params, settings, "png", levers=levers_in_force(worker)
-                )
-                log_completed(event.outcome, encode_seconds, fields, stream=True)
+                image = await _finish(generation, event, encoding, log_fields)
                 result = {
-                    "b64_json": to_b64(image),
-                    "seed": params.seed,
-                    "format": "png",
+                    "b64_json": to_b64(image.data),
+                    "seed": image.params.seed,
+                    "format": encoding.image_format,
                 }
                 yield ServerSentEventMessage(event="image", data=_json(result))
     except Exception as exc:
@@ -88,33 +84,17 @@ async def native_events(
 
 async def openai_events(
     generation: Generation,
-    params: list[GenerationParams],
-    settings: Settings,
-    worker: InferencePool,
-    *,
-    fields: dict[str, object],
-    image_format: ImageFormat,
-    quality: int,
+    encoding: Encoding,
+    log_fields: dict[str, object],
     echo: Mapping[str, str],
-    error_body: Any,
 ) -> AsyncIterator[ServerSentEventMessage]:
     """`echo` holds the response fields every event repeats (size, quality, background,
-    output_format); `error_body(error)` renders OpenAI's error object."""
-    partial_index = [0] * len(params)
-    levers = levers_in_force(worker)
+    output_format)."""
+    partial_index = [0] * len(generation.jobs)
     try:
         async for event in generation.stream():
             if isinstance(event, PreviewReady):
-                # Off the event loop: a large PNG takes a good part of a second to encode.
-                preview = await asyncio.to_thread(
-                    encode_image,
-                    event.image,
-                    params[event.index],
-                    public_model_name(settings.model),
-                    image_format=image_format,
-                    quality=quality,
-                    levers=levers,
-                )
+                preview = await encoding.encode(event.image, generation.params[event.index])
                 yield _openai_event(
                     "image_generation.partial_image",
                     {
@@ -126,30 +106,28 @@ async def openai_events(
                 )
                 partial_index[event.index] += 1
             elif isinstance(event, ImageDone):
-                job_params = params[event.index]
-                image, encode_seconds = await encode_outcome(
-                    event.outcome,
-                    job_params,
-                    settings,
-                    image_format,
-                    quality=quality,
-                    levers=levers,
-                )
-                log_completed(event.outcome, encode_seconds, fields, image_index=event.index)
+                image = await _finish(generation, event, encoding, log_fields)
                 yield _openai_event(
                     "image_generation.completed",
                     {
-                        "b64_json": to_b64(image),
+                        "b64_json": to_b64(image.data),
                         "created_at": int(time.time()),
                         **echo,
                         "usage": ZERO_USAGE,
-                        "seed": job_params.seed,
+                        "seed": image.params.seed,
                     },
                 )
     except Exception as exc:
         error = _as_service_error(exc)
         _log_failure(error)
-        yield ServerSentEventMessage(data=_json(error_body(error)))
+        yield ServerSentEventMessage(data=_json(openai_error_body(error)))
+
+
+async def _finish(
+    generation: Generation, event: ImageDone, encoding: Encoding, log_fields: dict[str, object]
+) -> EncodedImage:
+    params = generation.params[event.index]
+    return await finish_image(event.index, event.outcome, params, encoding, log_fields, stream=True)
 
 
 # The service counts no tokens; OpenAI's clients expect the object to be there.

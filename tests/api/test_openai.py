@@ -246,9 +246,9 @@ def test_a_full_queue_is_503_with_retry_after_and_never_half_served(
         openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0) as client,
         httpx.Client(base_url=url, headers=headers, timeout=60) as http,
     ):
-        # Two images for a queue with one place: refused whole, nothing queued.
+        # Three images for one idle thread and one queue place: refused whole, nothing queued.
         with pytest.raises(openai.InternalServerError) as caught:
-            client.images.generate(prompt="two", n=2, extra_body={"num_inference_steps": 5})
+            client.images.generate(prompt="three", n=3, extra_body={"num_inference_steps": 5})
         assert caught.value.status_code == 503
         assert int(caught.value.response.headers["retry-after"]) >= 1
         assert caught.value.body["code"] == "queue_full"  # type: ignore[index]
