@@ -465,30 +465,87 @@ def test_a_dead_thread_marks_the_pool_dead_while_the_other_lives() -> None:
         assert sorted(t.state.value for t in snapshot.threads) == ["dead", "ready"]
 
 
-class _OverlapEngine(FakeEngine):
-    """Records whether another engine's load ran while this one was loading."""
+class _WatchedLock:
+    """Stands in for the pool's load lock and tells the test when a thread has to queue for it."""
 
-    def __init__(self, loading: threading.Event, overlapped: threading.Event) -> None:
+    def __init__(self, someone_queued: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self._someone_queued = someone_queued
+
+    def __enter__(self) -> "_WatchedLock":
+        if not self._lock.acquire(blocking=False):
+            self._someone_queued.set()
+            self._lock.acquire()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._lock.release()
+
+
+class _OverlapEngine(FakeEngine):
+    """Holds its load until the other thread's load either queues behind it (serialised) or
+    starts beside it (the overlap this test exists to catch)."""
+
+    def __init__(
+        self, loading: threading.Event, overlapped: threading.Event, go_on: threading.Event
+    ) -> None:
         super().__init__()
         self._loading = loading
         self._overlapped = overlapped
+        self._go_on = go_on
 
     def load(self) -> EngineInfo:
         if self._loading.is_set():
             self._overlapped.set()
+            self._go_on.set()
         self._loading.set()
-        # Gives a parallel load every chance to begin meanwhile.
-        self._overlapped.wait(0.2)
+        assert self._go_on.wait(WAIT)
         self._loading.clear()
         return super().load()
 
 
 def test_loads_run_one_at_a_time() -> None:
-    loading, overlapped = threading.Event(), threading.Event()
-    engines: list[FakeEngine] = [_OverlapEngine(loading, overlapped) for _ in range(2)]
-    with pool(engines):
-        pass
+    loading, overlapped, go_on = threading.Event(), threading.Event(), threading.Event()
+    engines = [_OverlapEngine(loading, overlapped, go_on) for _ in range(2)]
+    worker = InferencePool(engines, capacity=1)
+    worker.load_lock = _WatchedLock(go_on)  # type: ignore[assignment]
+    worker.start()
+    try:
+        wait_for_state(worker, WorkerState.READY)
+    finally:
+        worker.stop(drain_timeout=0)
+    assert go_on.is_set()  # the second load did queue behind the first
     assert not overlapped.is_set()
+
+
+def test_a_cancelled_queued_job_leaves_nothing_in_the_retry_after_estimate() -> None:
+    clock = FakeClock()
+    gate = threading.Event()
+    # One second per step of a one-megapixel image, on the fake clock.
+    engine = FakeEngine(gate=gate, clock=clock, step_seconds=1.0)
+    with running_worker(engine, capacity=2, clock=clock) as worker:
+
+        async def scenario() -> None:
+            first = make_job("first", steps=2, size=1000, clock=clock)
+            worker.submit(first)
+            assert await asyncio.to_thread(engine.running.wait, WAIT)
+            abandoned = make_job("abandoned", steps=50, size=1000, clock=clock)
+            worker.submit(abandoned)
+            # Before any job finished: the prior rate, over the 50 + 2 step-megapixels ahead.
+            assert worker.retry_after() == math.ceil(PRIOR_SECONDS_PER_STEP_MEGAPIXEL * 52)
+            abandoned.cancel()
+            abandoned.future.cancel()
+            gate.set()
+            await outcome(first)
+            after = make_job("after", steps=1, size=1000, clock=clock)
+            worker.submit(after)
+            await outcome(after)  # the thread has taken, and skipped, the abandoned job
+            assert worker.snapshot().queue_depth == 0
+            # Measured at one second per step-megapixel now; a leftover would say 50.
+            assert worker.retry_after() == 1
+
+        asyncio.run(scenario())
+    assert "abandoned" not in engine.started
 
 
 def test_idle_threads_are_capacity_too_and_the_queue_keeps_its_places() -> None:
