@@ -79,15 +79,7 @@ def test_encoding_is_deterministic(image_format: ImageFormat) -> None:
 
 def test_a_jpeg_with_a_huge_prompt_still_encodes_and_says_it_shortened_it() -> None:
     # 10,000 emoji: 120 kB once JSON-escaped, twice what a JPEG segment holds.
-    params = GenerationParams(
-        prompt="\U0001f98a" * 10_000,
-        negative_prompt="",
-        num_inference_steps=1,
-        cfg_scale=1.0,
-        width=64,
-        height=48,
-        seed=1,
-    )
+    params = GenerationParams(prompt="\U0001f98a" * 10_000, width=64, height=48, seed=1)
     data = encode_image(image(), params, "m", image_format="jpeg")
     metadata = read_metadata(data)
     assert metadata["prompts_shortened"] == "true"

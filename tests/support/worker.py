@@ -22,13 +22,7 @@ def params(
     prompt: str = "a fox", steps: int = 2, seed: int = 1, size: int = 256
 ) -> GenerationParams:
     return GenerationParams(
-        prompt=prompt,
-        negative_prompt="",
-        num_inference_steps=steps,
-        cfg_scale=5.0,
-        width=size,
-        height=size,
-        seed=seed,
+        prompt=prompt, num_inference_steps=steps, width=size, height=size, seed=seed
     )
 
 
