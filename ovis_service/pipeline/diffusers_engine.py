@@ -18,7 +18,7 @@ from ovis_service.pipeline.levers import Levers
 from ovis_service.pipeline.loading import explained_failures, load_pretrained
 from ovis_service.pipeline.loop import MAX_SEQUENCE_LENGTH
 from ovis_service.pipeline.loop import generate as run_loop
-from ovis_service.pipeline.memory import activation_headroom, choose_offload
+from ovis_service.pipeline.memory import Placement, place, plan_placement
 from ovis_service.pipeline.tiny import TINY_MODEL_ID, build_tiny_pipeline
 from ovis_service.schemas import DEFAULT_CFG_SCALE, GenerationParams
 
@@ -103,25 +103,27 @@ class DiffusersEngine:
         )
 
     def _place(self, pipe: OvisImagePipeline) -> str:
-        on_cuda = self._device.type == "cuda"
-        sizes = [_component_bytes(component) for component in pipe.components.values()]
-        free_bytes = torch.cuda.mem_get_info(self._device)[0] if on_cuda else 0
-        offload = choose_offload(
+        placement = plan_placement(
+            pipe,
             self._settings.offload,
-            on_cuda=on_cuda,
-            free_bytes=free_bytes,
-            weights_bytes=sum(sizes),
-            largest_component_bytes=max(sizes),
-            headroom_bytes=activation_headroom(self._settings.max_image_size),
+            self._device,
+            max_image_size=self._settings.max_image_size,
         )
-        weights_gib = round(sum(sizes) / 2**30, 3)
-        if on_cuda:
+        self._log_memory_mode(placement)
+        # Moving the weights is where a GPU that is too small runs out of memory.
+        with explained_failures(self.model_id):
+            place(pipe, placement.offload, self._device)
+        return placement.offload
+
+    def _log_memory_mode(self, placement: Placement) -> None:
+        weights_bytes = placement.weights.total_bytes
+        if self._device.type == "cuda":
             logger.info(
                 "memory_mode_chosen",
                 requested=self._settings.offload,
-                chosen=offload,
-                free_vram_gib=round(free_bytes / 2**30, 2),
-                weights_gib=weights_gib,
+                chosen=placement.offload,
+                free_vram_gib=round(placement.free_bytes / 2**30, 2),
+                weights_gib=round(weights_bytes / 2**30, 3),
             )
         else:
             if self._settings.offload in ("model", "sequential"):
@@ -134,20 +136,11 @@ class DiffusersEngine:
             logger.info(
                 "memory_mode_chosen",
                 requested=self._settings.offload,
-                chosen=offload,
+                chosen=placement.offload,
                 device="cpu",
                 note="no GPU: every weight stays in CPU memory, so there is nothing to offload",
-                weights_mib=round(sum(sizes) / 2**20, 1),  # the tiny model's round to 0 GiB
+                weights_mib=round(weights_bytes / 2**20, 1),  # the tiny model's round to 0 GiB
             )
-        # Moving the weights is where a GPU that is too small runs out of memory.
-        with explained_failures(self.model_id):
-            if offload == "model":
-                pipe.enable_model_cpu_offload(device=self._device)
-            elif offload == "sequential":
-                pipe.enable_sequential_cpu_offload(device=self._device)
-            else:
-                pipe.to(self._device)
-        return offload
 
     def generate(self, params: GenerationParams, hooks: StepHooks) -> GenerationResult:
         pipe = self._require_pipe()
@@ -214,9 +207,3 @@ class DiffusersEngine:
         if self._pipe is None:
             raise RuntimeError("generate() called before load()")
         return self._pipe
-
-
-def _component_bytes(component: object) -> int:
-    if not isinstance(component, torch.nn.Module):
-        return 0  # tokenizer, scheduler
-    return sum(p.numel() * p.element_size() for p in component.parameters())

@@ -1,5 +1,6 @@
 """Memory arithmetic: the memory mode from the VRAM we measure, and whether several copies of
-the model fit one device. Pure functions, so tests feed them fake figures."""
+the model fit one device. Pure functions, so tests feed them fake figures; `plan_placement` and
+`place` apply them to a pipeline, for the engine and the speed benchmark alike."""
 
 import json
 import math
@@ -7,6 +8,8 @@ import struct
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import torch
+from diffusers import OvisImagePipeline
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -51,6 +54,54 @@ def choose_offload(
 class WeightsSize(NamedTuple):
     total_bytes: int
     largest_component_bytes: int
+
+
+class Placement(NamedTuple):
+    """The memory mode chosen for a pipeline, and the figures it was chosen from."""
+
+    offload: OffloadMode
+    free_bytes: int  # free on the device before the weights move; 0 on the CPU
+    weights: WeightsSize
+
+
+def pipeline_weights(pipe: OvisImagePipeline) -> WeightsSize:
+    sizes = [_module_bytes(component) for component in pipe.components.values()]
+    return WeightsSize(total_bytes=sum(sizes), largest_component_bytes=max(sizes))
+
+
+def _module_bytes(component: object) -> int:
+    if not isinstance(component, torch.nn.Module):
+        return 0  # tokenizer, scheduler
+    return sum(p.numel() * p.element_size() for p in component.parameters())
+
+
+def plan_placement(
+    pipe: OvisImagePipeline, requested: str, device: torch.device, *, max_image_size: int
+) -> Placement:
+    """The memory mode for `pipe` on `device`, from the VRAM free there now."""
+    on_cuda = device.type == "cuda"
+    weights = pipeline_weights(pipe)
+    free_bytes = torch.cuda.mem_get_info(device)[0] if on_cuda else 0
+    offload = choose_offload(
+        requested,
+        on_cuda=on_cuda,
+        free_bytes=free_bytes,
+        weights_bytes=weights.total_bytes,
+        largest_component_bytes=weights.largest_component_bytes,
+        headroom_bytes=activation_headroom(max_image_size),
+    )
+    return Placement(offload=offload, free_bytes=free_bytes, weights=weights)
+
+
+def place(pipe: OvisImagePipeline, offload: OffloadMode, device: torch.device) -> None:
+    """Move the weights as the memory mode says. Both offload modes first gather the weights in
+    CPU memory (diffusers does that), so the pipeline may start on the CPU or on the device."""
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
 
 
 def resident_bytes(offload: str, weights: WeightsSize) -> int:

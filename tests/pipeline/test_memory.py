@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from ovis_service.config import SettingsError
+from ovis_service.pipeline.loop import call_pipeline
 from ovis_service.pipeline.memory import (
     GIB,
     WeightsSize,
@@ -14,7 +15,11 @@ from ovis_service.pipeline.memory import (
     check_fit,
     choose_offload,
     estimate_weights,
+    place,
+    plan_placement,
 )
+from ovis_service.pipeline.tiny import build_tiny_pipeline
+from ovis_service.schemas import GenerationParams
 
 # Transformer 7.37 B params + Qwen3 1.72 B + VAE, in bf16 (two bytes per parameter).
 OVIS_WEIGHTS = int((7.37e9 + 1.72e9 + 0.08e9) * 2)
@@ -133,3 +138,31 @@ def test_weights_are_read_from_safetensors_headers_in_the_requested_dtype(
     assert estimate_weights("AIDC-AI/Ovis-Image-7B", 2) == WeightsSize(
         (7_370_000_000 + 1_720_000_000 + 84_000_000) * 2, 7_370_000_000 * 2
     )
+
+
+def test_a_pipeline_is_measured_by_its_modules_and_kept_whole_on_the_cpu() -> None:
+    pipe = build_tiny_pipeline().to(dtype=torch.bfloat16)
+    module_bytes = [
+        sum(p.numel() * 2 for p in module.parameters())
+        for module in (pipe.transformer, pipe.text_encoder, pipe.vae)
+    ]
+    placement = plan_placement(pipe, "sequential", torch.device("cpu"), max_image_size=1024)
+    assert placement.offload == "none"
+    assert placement.free_bytes == 0
+    assert placement.weights == WeightsSize(sum(module_bytes), max(module_bytes))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["none", "model", "sequential"])
+def test_each_memory_mode_leaves_a_pipeline_that_runs(offload: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cuda = torch.device("cuda")
+    pipe = build_tiny_pipeline()
+    placement = plan_placement(pipe, offload, cuda, max_image_size=1024)
+    assert placement.offload == offload
+    assert placement.free_bytes > 0
+    place(pipe, placement.offload, cuda)
+    assert pipe._execution_device.type == "cuda"
+    params = GenerationParams(prompt="a red fox", num_inference_steps=1, width=256, height=256)
+    assert call_pipeline(pipe, params).size == (256, 256)
