@@ -15,7 +15,8 @@ import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
 
-from ovis_service.app import create_app, worker_of
+from ovis_service.api.dependencies import services_in
+from ovis_service.app import create_app
 from ovis_service.config import Settings
 from tests.support.fakes import FakeEngine
 
@@ -62,7 +63,7 @@ def test_health_says_draining_per_device_while_accepted_work_finishes(
         held = pool.submit(client.post, "/generate", json=BODY)
         try:
             wait_for_health(client, lambda body: body["running"] == 1)
-            worker_of(app).begin_drain(DRAIN_TIMEOUT)  # what SIGTERM starts
+            services_in(app.state).worker.begin_drain(DRAIN_TIMEOUT)  # what SIGTERM starts
             draining = client.get("/health")
             assert draining.status_code == 503
             body = draining.json()
