@@ -68,16 +68,20 @@ def hold_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hold") / "release"
 
 
+# Two threads and three queue places: five jobs fit, the sixth is refused.
+THREADS, QUEUE_SIZE = 2, 3
+
+
 @pytest.fixture(scope="module")
 def pool_service(
     tmp_path_factory: pytest.TempPathFactory, hold_file: Path
 ) -> Iterator[ServiceProcess]:
     """The real server over two fake engines; `held...` jobs run until `hold_file` exists."""
     env = {
-        "FAKE_ENGINES": "2",
+        "FAKE_ENGINES": str(THREADS),
         "FAKE_STEP_SECONDS": "0.01",
         "FAKE_HOLD_FILE": str(hold_file),
-        "OVIS_QUEUE_SIZE": "1",
+        "OVIS_QUEUE_SIZE": str(QUEUE_SIZE),
     }
     with run_service(tmp_path_factory.mktemp("pool"), env=env, command=FAKE_COMMAND) as service:
         yield service
@@ -86,41 +90,45 @@ def pool_service(
 def test_counters_gauges_and_histograms_follow_real_requests(
     pool_service: ServiceProcess, hold_file: Path
 ) -> None:
+    held = THREADS + QUEUE_SIZE
     with pool_service.client() as client:
         before = samples(client)
-        assert value(before, "ovis_queue_capacity") == 1
+        assert value(before, "ovis_queue_capacity") == QUEUE_SIZE
         assert value(before, "ovis_model_loaded") == 1
-        assert value(before, "ovis_inference_threads_alive") == 2
+        assert value(before, "ovis_inference_threads_alive") == THREADS
         assert value(before, "ovis_rejected_total", reason="queue_full") == 0
         assert ("process_cpu_seconds_total", ()) in before
 
-        # Held on both threads until the busy state has been read: no race with the clock.
+        # Held until the busy state has been read: no race with the clock. The held requests
+        # are as many as the places (threads and queue), so none is refused however fast the
+        # threads take their jobs; the threads are filled before the queue, so the count also
+        # holds where only queue places count. The request after them finds no place.
         slow = {**BODY, "prompt": "held fox"}
-        with ThreadPoolExecutor(3) as pool:
+        with ThreadPoolExecutor(held) as pool:
             try:
-                posts = [pool.submit(post, pool_service, slow) for _ in range(2)]
-                wait_for(client, "/health", lambda body: body["running"] == 2)
-                posts.append(pool.submit(post, pool_service, slow))
-                health = wait_for(client, "/health", lambda body: body["queue_depth"] == 1)
-                assert [device["state"] for device in health["devices"]] == ["busy", "busy"]
+                posts = [pool.submit(post, pool_service, slow) for _ in range(THREADS)]
+                wait_for(client, "/health", lambda body: body["running"] == THREADS)
+                posts += [pool.submit(post, pool_service, slow) for _ in range(QUEUE_SIZE)]
+                health = wait_for(client, "/health", lambda body: body["queue_depth"] == QUEUE_SIZE)
+                assert [device["state"] for device in health["devices"]] == ["busy"] * THREADS
                 busy = samples(client)
-                assert value(busy, "ovis_running_jobs") == 2
-                assert value(busy, "ovis_queue_depth") == 1
+                assert value(busy, "ovis_running_jobs") == THREADS
+                assert value(busy, "ovis_queue_depth") == QUEUE_SIZE
                 refused = client.post("/generate", json=BODY)
                 assert refused.status_code == 503
                 assert client.get("/livez").status_code == 200  # a full queue is not dead
             finally:
                 hold_file.touch()  # a failed check above must fail, not wait for the give-up
-            assert [future.result(WAIT) for future in posts] == [200, 200, 200]
+            assert [future.result(WAIT) for future in posts] == [200] * held
         assert client.post("/generate", json={**BODY, "image_size": 100}).status_code == 422
 
         after = samples(client)
-    assert value(after, "ovis_requests_total", endpoint="/generate", status="200") == 3
+    assert value(after, "ovis_requests_total", endpoint="/generate", status="200") == held
     assert value(after, "ovis_requests_total", endpoint="/generate", status="503") == 1
     assert value(after, "ovis_requests_total", endpoint="/generate", status="422") == 1
     assert value(after, "ovis_rejected_total", reason="queue_full") == 1
-    assert value(after, "ovis_generation_seconds_count") == 3
-    assert value(after, "ovis_queue_wait_seconds_count") == 3
+    assert value(after, "ovis_generation_seconds_count") == held
+    assert value(after, "ovis_queue_wait_seconds_count") == held
     assert value(after, "ovis_running_jobs") == 0
     assert value(after, "ovis_queue_depth") == 0
 
