@@ -150,6 +150,25 @@ def test_each_app_counts_in_its_own_registry() -> None:
         assert generated not in samples(two)
 
 
+def test_requests_are_counted_by_route_template_never_by_raw_path() -> None:
+    """A label per raw path would let a scan of random URLs grow the series without bound."""
+    with TestClient(create_app(settings(), engine=FakeEngine())) as client:
+        wait_for(client, "/health", lambda body: body["status"] == "ok")
+        assert client.get("/v1/models/fake").status_code == 200
+        assert client.get("/v1/models/gpt-image-1").status_code == 404
+        assert client.get("/wp-login.php").status_code == 404
+        assert client.get("/no/such/route").status_code == 404
+        found = samples(client)
+    endpoints = {
+        dict(labels)["endpoint"] for name, labels in found if name == "ovis_requests_total"
+    }
+    # A route by its template as Litestar reports it (no `:path` type), every unrouted path as one.
+    assert endpoints == {"/health", "/v1/models/{model_id}", "unmatched"}
+    assert value(found, "ovis_requests_total", endpoint="/v1/models/{model_id}", status="200") == 1
+    assert value(found, "ovis_requests_total", endpoint="/v1/models/{model_id}", status="404") == 1
+    assert value(found, "ovis_requests_total", endpoint="unmatched", status="404") == 2
+
+
 def test_metrics_need_the_api_key_unless_made_public() -> None:
     with TestClient(create_app(settings(api_keys=("k1",)), engine=FakeEngine())) as client:
         assert client.get("/metrics").status_code == 401
