@@ -5,10 +5,13 @@
 
 `full` is Ovis-Image-7B's architecture from the configs in `ovis_service/pipeline/configs/` with
 random bf16 weights made on the GPU: real shapes and so real speed, and nothing downloaded.
-Images are 1024x1024 (512 for tiny), timed at a few steps and scaled to 50:
+Images are 1024x1024 (256 for tiny), timed at a few steps and scaled to 50:
 s/image = (text encode + VAE decode) + 50 x s/step. Writes `speed.json` and `speed.md` to DIR.
-Every section checks the time left (`--budget-s`) and records itself as skipped rather than
-overrunning; the files are rewritten after each section, so a cut-short run still reports.
+
+Each row is a `Scenario` (the service's own settings) on a fresh pipeline, set up the way the
+service sets one up (`benchmarks/scenario.py`). Every section checks the time left
+(`--budget-s`) and records itself as skipped rather than overrunning; the files are rewritten
+after each section, so a cut-short run still reports.
 """
 
 import argparse
@@ -24,23 +27,29 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import FirstBlockCacheConfig, OvisImagePipeline, TaylorSeerCacheConfig
 
 from benchmarks import measure
-from benchmarks.architecture import build_full_size_pipeline, parameter_count
+from benchmarks.architecture import parameter_count
+from benchmarks.components import flops_and_floor, measure_parts
 from benchmarks.report import write_markdown
+from benchmarks.scenario import Scenario, build_pipeline, check, set_up
 from ovis_service.config import SettingsError
 from ovis_service.engine import StepHooks
-from ovis_service.pipeline import levers, loop
-from ovis_service.pipeline.tiny import build_tiny_pipeline
+from ovis_service.pipeline import loop
+from ovis_service.pipeline.device import resolve_device, resolve_dtype
+from ovis_service.pipeline.memory import pipeline_weights
+from ovis_service.pipeline.tiny import TINY_MODEL_ID
 from ovis_service.schemas import GenerationParams
 
 FULL_STEPS = 50
 NO_HOOKS = StepHooks(stop_check=lambda: None)
+PROMPT = "a red fox in the snow, golden hour, 35 mm photograph"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Plan:
+    """How much to measure, for one model size."""
+
     model: str
     size: int
     steps: int  # steps per timed run, scaled to FULL_STEPS
@@ -55,19 +64,78 @@ class Plan:
 
 PLANS = {
     "full": Plan(
-        "full",
-        1024,
-        4,
-        FULL_STEPS,
-        2,
-        ("native", "cudnn", "torch_flash", "efficient"),
-        480,
-        150,
-        320,
-        8192,
+        model="full",
+        size=1024,
+        steps=4,
+        cache_steps=FULL_STEPS,
+        repeats=2,
+        attention=("auto", "cudnn", "torch_flash", "efficient"),
+        budget_s=480,
+        compile_needs_s=150,
+        fp8_needs_s=320,
+        matmul_size=8192,
     ),
-    "tiny": Plan("tiny", 256, 4, 8, 2, ("native", "math", "cudnn"), 170, 60, 60, 1024),
+    "tiny": Plan(
+        model=TINY_MODEL_ID,
+        size=256,
+        steps=4,
+        cache_steps=8,
+        repeats=2,
+        attention=("auto", "math", "cudnn"),
+        budget_s=170,
+        compile_needs_s=60,
+        fp8_needs_s=60,
+        matmul_size=1024,
+    ),
 }
+
+# The scenarios, in the service's own settings. The attention backends to compare come from the
+# plan; compile and fp8 run with the fastest of them.
+BASELINE = Scenario(name="diffusers __call__ (baseline)", diffusers_call=True)
+CFG_SEQUENTIAL = Scenario(name="own loop, cfg sequential", cfg_batch=False)
+SERVICE_DEFAULTS = Scenario(name="own loop, cfg batch")
+STEP_CACHES = (
+    Scenario(name="step cache taylorseer", step_cache="taylorseer"),
+    Scenario(
+        name="step cache first_block(threshold=0.05)",
+        step_cache="first_block",
+        step_cache_threshold=0.05,
+    ),
+)
+OFFLOAD_MODES = tuple(
+    Scenario(name=f"memory mode {mode}", offload=mode) for mode in ("none", "model", "sequential")
+)
+
+
+def with_attention(attention: str) -> Scenario:
+    return replace(
+        SERVICE_DEFAULTS,
+        name=_with_backend(SERVICE_DEFAULTS.name, attention),
+        attention=attention,
+    )
+
+
+def compiled_with(attention: str) -> Scenario:
+    return Scenario(
+        name=_with_backend("regional compile", attention),
+        compile="regional",
+        attention=attention,
+        note="cfg batch",
+    )
+
+
+def fp8_compiled_with(attention: str) -> Scenario:
+    return Scenario(
+        name="fp8 + regional compile",
+        quantize="fp8",
+        compile="regional",
+        attention=attention,
+        note="best attention, cfg batch",
+    )
+
+
+def _with_backend(label: str, attention: str) -> str:
+    return label if attention == SERVICE_DEFAULTS.attention else f"{label}, attention {attention}"
 
 
 @dataclass
@@ -95,46 +163,46 @@ class Results:
 
 
 class Bench:
-    def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype, out: Path) -> None:
-        self.plan, self.device, self.dtype, self.out = plan, device, dtype, out
+    """One model on the device the service would pick: the pipeline of the scenario in hand,
+    the results so far and the time left."""
+
+    def __init__(self, plan: Plan, out: Path) -> None:
+        self.plan, self.out = plan, out
+        self.device = resolve_device("auto", plan.model)
+        self.dtype = resolve_dtype("auto", self.device)
         self.started = time.monotonic()
-        self.results = Results(meta=self._meta())
-        self.pipe = self._build()
-        self.best_attention = "native"
+        self.results = Results(meta=_meta(plan, self.device, self.dtype))
+        self.use(SERVICE_DEFAULTS)
+        self.fastest_attention = SERVICE_DEFAULTS.attention
         self.results.meta["build_seconds"] = round(time.monotonic() - self.started, 1)
         self.results.meta["transformer_parameters"] = parameter_count(self.pipe.transformer)
         self.results.meta["text_encoder_parameters"] = parameter_count(self.pipe.text_encoder)
 
-    def _meta(self) -> dict[str, Any]:
-        cuda = self.device.type == "cuda"
-        return {
-            "model": self.plan.model,
-            "device": torch.cuda.get_device_name(self.device)
-            if cuda
-            else f"CPU, {os.cpu_count()} cores",
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "size": self.plan.size,
-            "steps_timed": self.plan.steps,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        }
+    # -- the pipeline ----------------------------------------------------------------------
 
-    def _build(self) -> OvisImagePipeline:
-        if self.plan.model == "tiny":
-            pipe = build_tiny_pipeline().to(self.device)
-        else:
-            pipe = build_full_size_pipeline(self.device, self.dtype)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+    def use(self, scenario: Scenario) -> None:
+        """A fresh pipeline, set up for `scenario` as the service sets one up."""
+        self._drop_pipeline()
+        self.pipe = build_pipeline(self.plan.model, self.device, self.dtype)
+        self.levers = set_up(self.pipe, scenario, self.device)
+        self.scenario = scenario
 
-    def _rebuild(self) -> None:
-        """Plain weights again, after dropping the compiled graphs, which hold the old ones."""
-        del self.pipe
+    def _drop_pipeline(self) -> None:
+        """Free the last scenario's weights before making the next (two full-size copies would
+        need twice the VRAM); compiled graphs hold the old weights too."""
+        self.__dict__.pop("pipe", None)
         torch._dynamo.reset()
         gc.collect()
         measure.reset_peak_memory(self.device)
-        self.pipe = self._build()
+
+    def refused(self, scenario: Scenario) -> bool:
+        """Skip, with the service's own message, a scenario the service would refuse here."""
+        try:
+            check(scenario, self.device, self.dtype)
+        except SettingsError as exc:
+            self.skip(f"{scenario.name}: {exc}")
+            return True
+        return False
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -158,48 +226,39 @@ class Bench:
 
     # -- what is timed -----------------------------------------------------------------------
 
-    def params(self, steps: int, cfg: float = 5.0) -> GenerationParams:
+    def params(self, steps: int) -> GenerationParams:
         size = self.plan.size
-        return GenerationParams(
-            prompt="a red fox in the snow, golden hour, 35 mm photograph",
-            negative_prompt="",
-            num_inference_steps=steps,
-            cfg_scale=cfg,
-            width=size,
-            height=size,
-            seed=0,
-        )
+        return GenerationParams(prompt=PROMPT, num_inference_steps=steps, width=size, height=size)
 
-    def ours(self, steps: int, *, cfg_batch: bool = True) -> Callable[[], Any]:
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    loop.generate(self.pipe, self.params(steps), NO_HOOKS, cfg_batch=cfg_batch)
-            finally:
-                self.pipe.maybe_free_model_hooks()  # also resets step-cache state
+    def runner(self, steps: int) -> Callable[[], None]:
+        """One image as the scenario in hand makes it. Reads `self.pipe` when called, so that
+        a runner never keeps a dropped pipeline alive."""
+        params = self.params(steps)
+        if self.scenario.diffusers_call:
+            return lambda: self._call_pipeline(params)
+        return lambda: self._generate(params)
 
-        return run
-
-    def diffusers_call(self, steps: int) -> Callable[[], Any]:
-        p = self.params(steps)
-
-        def run() -> None:
+    def _generate(self, params: GenerationParams) -> None:
+        try:
             with torch.inference_mode():
-                loop.call_pipeline(self.pipe, p)
+                loop.generate(self.pipe, params, NO_HOOKS, cfg_batch=self.levers.cfg_batch)
+        finally:
+            self.pipe.maybe_free_model_hooks()  # as the engine does: offloads, resets step caches
 
-        return run
+    def _call_pipeline(self, params: GenerationParams) -> None:
+        with torch.inference_mode():
+            loop.call_pipeline(self.pipe, params)
 
-    def row(
-        self,
-        config: str,
-        run: Callable[[], Any],
-        steps: int,
-        *,
-        lossless: bool,
-        note: str = "",
-        warm: bool = True,
-        repeats: int | None = None,
-    ) -> Row:
+    def time(self, scenario: Scenario, *, warm: bool = True, repeats: int | None = None) -> Row:
+        """Set up `scenario` and time it: one row of the table."""
+        self.use(scenario)
+        return self.row(warm=warm, repeats=repeats)
+
+    def row(self, *, warm: bool = True, repeats: int | None = None) -> Row:
+        """Time the scenario in hand, scaled to FULL_STEPS, and record it."""
+        scenario = self.scenario
+        steps = self.plan.cache_steps if scenario.step_cache != "none" else self.plan.steps
+        run = self.runner(steps)
         if warm:
             run()  # kernels chosen, caches filled
         measure.reset_peak_memory(self.device)
@@ -207,242 +266,156 @@ class Bench:
         fixed = self.results.components["text_encode_s"] + self.results.components["vae_decode_s"]
         per_step = max(timed - fixed, 0.0) / steps
         result = Row(
-            config=config,
-            lossless=lossless,
+            config=scenario.name,
+            lossless=scenario.lossless,
             steps_timed=steps,
             seconds_timed=round(timed, 4),
             seconds_per_step=round(per_step, 5),
             seconds_per_image=round(fixed + FULL_STEPS * per_step, 3),
             peak_vram_gib=measure.peak_memory_gib(self.device),
-            note=note,
+            note=f"timed at {steps} steps" if scenario.step_cache != "none" else scenario.note,
         )
-        print(
-            f"{config}: {result.seconds_per_image} s/image ({timed:.3f} s for {steps} steps)",
-            flush=True,
-        )
+        per_image = result.seconds_per_image
+        print(f"{scenario.name}: {per_image} s/image ({timed:.3f} s for {steps} steps)", flush=True)
         self.results.rows.append(result)
         self.save()
         return result
 
-    # -- sections ------------------------------------------------------------------------------
 
-    def components(self) -> None:
-        pipe, device, p = self.pipe, self.device, self.params(1)
-        with torch.inference_mode():
-            cond = loop.encode(pipe, p, device)
-            latents, image_ids = pipe.prepare_latents(
-                2,
-                pipe.transformer.config.in_channels // 4,
-                p.height,
-                p.width,
-                cond.embeds.dtype,
-                device,
-                torch.Generator("cpu").manual_seed(0),
-            )
-            embeds = torch.cat([cond.embeds, cond.embeds])
+def _meta(plan: Plan, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    return {
+        "model": plan.model,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {os.cpu_count()} cores",
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "size": plan.size,
+        "steps_timed": plan.steps,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
-            def forward(batch: int) -> Callable[[], Any]:
-                return lambda: pipe.transformer(
-                    hidden_states=latents[:batch],
-                    timestep=torch.full((batch,), 0.5, device=device, dtype=latents.dtype),
-                    encoder_hidden_states=embeds[:batch],
-                    txt_ids=cond.text_ids,
-                    img_ids=image_ids,
-                    return_dict=False,
-                )
 
-            repeats = 3 * self.plan.repeats
-            for warm in (lambda: loop.encode(pipe, p, device), forward(1), forward(2)):
-                warm()
-            c = self.results.components
-            c["text_encode_s"] = measure.seconds(
-                lambda: loop.encode(pipe, p, device), device, repeats
-            )
-            c["vae_decode_s"] = measure.seconds(
-                lambda: loop.decode(pipe, latents[:1], p.width, p.height), device, repeats
-            )
-            c["forward_batch1_s"] = measure.seconds(forward(1), device, repeats)
-            c["forward_batch2_s"] = measure.seconds(forward(2), device, repeats)
-            counted, counted_attention = measure.count_flops(forward(1))
-        config = pipe.transformer.config
-        tokens = latents.shape[1] + cond.embeds.shape[1]
-        by_hand = measure.attention_flops(
-            config.num_attention_heads,
-            config.attention_head_dim,
-            tokens,
-            config.num_layers + config.num_single_layers,
+# -- sections ------------------------------------------------------------------------------------
+
+
+def components(bench: Bench) -> None:
+    """Text encode, VAE decode and one transformer forward, each timed alone; FLOPs and floor."""
+    bench.use(SERVICE_DEFAULTS)
+    parts = measure_parts(bench.pipe, bench.params(1), bench.device, 3 * bench.plan.repeats)
+    bench.results.components.update(parts.seconds)
+    peak = measure.matmul_tflops(bench.device, bench.dtype, bench.plan.matmul_size, 20)
+    bench.results.flops = flops_and_floor(
+        bench.pipe.transformer.config, parts, steps=FULL_STEPS, peak_tflops=peak
+    )
+    print("components", bench.results.components, bench.results.flops, flush=True)
+    bench.save()
+
+
+def eager(bench: Bench) -> None:
+    """Baseline, guidance batching and attention backends; remembers the fastest backend."""
+    for scenario in (BASELINE, CFG_SEQUENTIAL):
+        bench.time(scenario)
+    timings: dict[str, float] = {}
+    for attention in bench.plan.attention:
+        scenario = with_attention(attention)
+        if not bench.refused(scenario):
+            timings[attention] = bench.time(scenario).seconds_per_image
+    bench.fastest_attention = min(
+        timings, key=timings.__getitem__, default=SERVICE_DEFAULTS.attention
+    )
+
+
+def caches(bench: Bench) -> None:
+    for scenario in STEP_CACHES:
+        needs_s = 2 * bench.plan.cache_steps * bench.results.rows[-1].seconds_per_step + 5
+        if bench.can(scenario.name, needs_s):
+            # Kernels are warm from the rows before: one run at the real step count.
+            bench.time(scenario, warm=False, repeats=1)
+
+
+def compiled(bench: Bench) -> None:
+    """Regional compile with the fastest backend, and what compiling costs, cold and warm."""
+    scenario = compiled_with(bench.fastest_attention)
+    if bench.refused(scenario) or not bench.can(scenario.name, bench.plan.compile_needs_s):
+        return
+    bench.use(scenario)
+    steps, device, costs = bench.plan.steps, bench.device, bench.results.compile
+    costs["cold_first_call_s"] = round(measure.seconds(bench.runner(steps), device), 2)
+    row = bench.row()
+    costs["cold_compile_s"] = round(costs["cold_first_call_s"] - row.seconds_timed, 2)
+    torch._dynamo.reset()  # forget the graphs; inductor's on-disk cache stays
+    warm_call = measure.seconds(bench.runner(steps), device)
+    costs["warm_compile_s"] = round(warm_call - row.seconds_timed, 2)
+    bench.save()
+
+
+def memory(bench: Bench) -> None:
+    """Peak VRAM and time of one step in each memory mode (`OVIS_OFFLOAD`)."""
+    if bench.device.type != "cuda":
+        bench.skip("memory modes: offload needs CUDA")
+        return
+    if not bench.can("memory modes", 90):
+        return
+    for scenario in OFFLOAD_MODES:
+        if not bench.can(scenario.name, 30):
+            break
+        bench.use(scenario)
+        if scenario.offload == "none":
+            _note_vram_left_over(bench)
+            bench.runner(1)()  # warm, with every weight on the GPU
+        measure.reset_peak_memory(bench.device)
+        elapsed = measure.seconds(bench.runner(1), bench.device)
+        bench.results.memory.append(
+            {
+                "mode": scenario.offload,
+                "peak_vram_gib": measure.peak_memory_gib(bench.device),
+                "seconds_1_step": round(elapsed, 2),
+            }
         )
-        per_forward = counted - counted_attention + by_hand
-        per_image = per_forward * 2 * FULL_STEPS  # guidance: cond and uncond every step
-        peak = measure.matmul_tflops(device, self.dtype, self.plan.matmul_size, 20)
-        self.results.flops = {
-            "tokens": tokens,
-            "counted_tflop_per_forward": _sig(counted / 1e12),
-            "counted_attention_tflop": _sig(counted_attention / 1e12),
-            "attention_by_hand_tflop": _sig(by_hand / 1e12),
-            "tflop_per_forward": _sig(per_forward / 1e12),
-            "pflop_per_image": _sig(per_image / 1e15),
-            "matmul_tflops_measured": _sig(peak),
-            "floor_s_per_image": _sig(per_image / (peak * 1e12)),
-            "forward_batch1_x_floor": _sig(c["forward_batch1_s"] / (per_forward / (peak * 1e12))),
-        }
-        print("components", c, self.results.flops, flush=True)
-        self.save()
-
-    def eager(self) -> None:
-        """Baseline, guidance batching and attention backends; remembers the fastest backend."""
-        s = self.plan.steps
-        self.row("diffusers __call__ (baseline)", self.diffusers_call(s), s, lossless=True)
-        self.row("own loop, cfg sequential", self.ours(s, cfg_batch=False), s, lossless=True)
-        timings: dict[str, float] = {}
-        for name in self.plan.attention:
-            try:
-                levers.check(levers.Levers(attention=name), self.device, self.dtype)
-            except SettingsError as exc:
-                self.skip(f"attention {name}: {exc}")
-                continue
-            self.pipe.transformer.set_attention_backend(levers.ATTENTION_BACKENDS[name])
-            label = "own loop, cfg batch" + ("" if name == "native" else f", attention {name}")
-            timings[name] = self.row(label, self.ours(s), s, lossless=True).seconds_per_image
-        self.pipe.transformer.set_attention_backend(levers.ATTENTION_BACKENDS["native"])
-        self.best_attention = min(timings, key=timings.__getitem__)
-
-    def caches(self) -> None:
-        steps = self.plan.cache_steps
-        transformer = self.pipe.transformer
-        levers.register_ovis_blocks()
-        for name, config in (
-            ("taylorseer", TaylorSeerCacheConfig(taylor_factors_dtype=self.dtype)),
-            ("first_block(threshold=0.05)", FirstBlockCacheConfig(threshold=0.05)),
-        ):
-            if not self.can(
-                f"step cache {name}", 2 * steps * self.results.rows[-1].seconds_per_step + 5
-            ):
-                continue
-            transformer.enable_cache(config)
-            try:
-                self.row(
-                    f"step cache {name}",
-                    self.ours(steps),
-                    steps,
-                    lossless=False,
-                    note=f"timed at {steps} steps",
-                    # Kernels are warm from the rows before: one run at the real step count.
-                    warm=False,
-                    repeats=1,
-                )
-            finally:
-                transformer.disable_cache()
-
-    def memory(self) -> None:
-        if self.device.type != "cuda":
-            self.skip("memory modes: offload needs CUDA")
-            return
-        if not self.can("memory modes", 90):
-            return
-        self._rebuild()  # compile changed the transformer in place
-        self.results.meta["vram_left_over_gib"] = round(
-            (torch.cuda.memory_allocated() - _weights_bytes(self.pipe)) / 2**30, 2
-        )
-        self.ours(1)()  # warm
-        for mode in ("none", "model", "sequential"):
-            if not self.can(f"memory mode {mode}", 30):
-                break
-            if mode == "model":
-                self.pipe.to("cpu")
-                self.pipe.enable_model_cpu_offload(device=self.device)
-            elif mode == "sequential":
-                self.pipe.remove_all_hooks()
-                self.pipe.enable_sequential_cpu_offload(device=self.device)
-            measure.reset_peak_memory(self.device)
-            elapsed = measure.seconds(self.ours(1), self.device)
-            self.results.memory.append(
-                {
-                    "mode": mode,
-                    "peak_vram_gib": measure.peak_memory_gib(self.device),
-                    "seconds_1_step": round(elapsed, 2),
-                }
-            )
-            print("memory", self.results.memory[-1], flush=True)
-            self.save()
-        self.pipe.remove_all_hooks()
-
-    def compiled(self) -> None:
-        attention = self.best_attention
-        if not self.can("regional compile", self.plan.compile_needs_s):
-            return
-        s = self.plan.steps
-        levers.apply(self.pipe, levers.Levers(compile="regional", attention=attention))
-        self.results.compile["cold_first_call_s"] = round(
-            measure.seconds(self.ours(s), self.device), 2
-        )
-        label = "regional compile" + ("" if attention == "native" else f", attention {attention}")
-        row = self.row(label, self.ours(s), s, lossless=True, note="cfg batch")
-        self.results.compile["cold_compile_s"] = round(
-            self.results.compile["cold_first_call_s"] - row.seconds_timed, 2
-        )
-        torch._dynamo.reset()  # forget the graphs; inductor's on-disk cache stays
-        warm_call = measure.seconds(self.ours(s), self.device)
-        self.results.compile["warm_compile_s"] = round(warm_call - row.seconds_timed, 2)
-        self.save()
-
-    def fp8(self) -> None:
-        try:
-            levers.check(levers.Levers(quantize="fp8"), self.device, self.dtype)
-        except SettingsError as exc:
-            self.skip(f"fp8: {exc}")
-            return
-        if not self.can("fp8 + regional compile", self.plan.fp8_needs_s):
-            return
-        s = self.plan.steps
-        # Fresh weights, set up the way the service does it: quantise, attention, compile.
-        self._rebuild()
-        fp8 = levers.Levers(quantize="fp8", compile="regional", attention=self.best_attention)
-        levers.apply(self.pipe, fp8)
-        started = measure.seconds(self.ours(s), self.device)
-        row = self.row(
-            "fp8 + regional compile",
-            self.ours(s),
-            s,
-            lossless=False,
-            note="best attention, cfg batch",
-        )
-        self.results.compile["fp8_cold_compile_s"] = round(started - row.seconds_timed, 2)
-        self.save()
+        print("memory", bench.results.memory[-1], flush=True)
+        bench.save()
 
 
-def _weights_bytes(pipe: OvisImagePipeline) -> int:
-    modules = (pipe.transformer, pipe.text_encoder, pipe.vae)
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+def _note_vram_left_over(bench: Bench) -> None:
+    """What the sections before left allocated beyond a fresh pipeline's weights."""
+    weights = pipeline_weights(bench.pipe).total_bytes
+    left_over = torch.cuda.memory_allocated(bench.device) - weights
+    bench.results.meta["vram_left_over_gib"] = round(left_over / 2**30, 2)
 
 
-def _sig(value: float) -> float:
-    """Four significant digits: the tiny model's FLOPs are a million times the full one's."""
-    return float(f"{value:.4g}")
+def fp8(bench: Bench) -> None:
+    """fp8 with regional compile: fresh weights, quantised, then compiled, as the service does."""
+    scenario = fp8_compiled_with(bench.fastest_attention)
+    if bench.refused(scenario) or not bench.can(scenario.name, bench.plan.fp8_needs_s):
+        return
+    bench.use(scenario)
+    started = measure.seconds(bench.runner(bench.plan.steps), bench.device)
+    row = bench.row()
+    bench.results.compile["fp8_cold_compile_s"] = round(started - row.seconds_timed, 2)
+    bench.save()
 
 
-SECTIONS = ("components", "eager", "caches", "compile", "memory", "fp8")
+SECTIONS: dict[str, Callable[[Bench], None]] = {
+    "components": components,
+    "eager": eager,
+    "caches": caches,
+    "compile": compiled,
+    "memory": memory,
+    "fp8": fp8,  # the longest compile: last, so a short budget cuts only it
+}
 
 
-def run(plan: Plan, out: Path, sections: tuple[str, ...] = SECTIONS) -> Results:
+def run(plan: Plan, out: Path, sections: tuple[str, ...] = tuple(SECTIONS)) -> Results:
     out.mkdir(parents=True, exist_ok=True)
-    cuda = plan.model == "full" or torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    bench = Bench(plan, device, dtype, out)
+    bench = Bench(plan, out)
     print(f"built {plan.model} in {bench.results.meta['build_seconds']} s", flush=True)
-    for name, section in (
-        ("components", bench.components),
-        ("eager", bench.eager),
-        ("caches", bench.caches),
-        ("compile", bench.compiled),
-        ("memory", bench.memory),
-        ("fp8", bench.fp8),  # the longest compile: last, so a short budget cuts only it
-    ):
+    for name, section in SECTIONS.items():
         if name not in sections:
             continue
         try:
-            section()
+            section(bench)
         except Exception as exc:  # one broken lever must not cost the rest of a GPU run
             traceback.print_exc()
             bench.results.failed.append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
@@ -464,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of sections to run; rows need components (default: all)",
     )
     args = parser.parse_args(argv)
+    if args.model != TINY_MODEL_ID and not torch.cuda.is_available():
+        parser.error(f"--model {args.model} needs a CUDA device; --model tiny runs on the CPU")
     plan = PLANS[args.model]
     if args.budget_s:
         plan = replace(plan, budget_s=args.budget_s)
