@@ -6,11 +6,15 @@
 2. what one streaming preview costs (a VAE decode of the clean estimate, then PIL);
 3. PNG, WebP and JPEG encode cost and size at 1024x1024, through the service's own encoder;
 4. a bar chart of the lever table (matplotlib, PNG).
+
+Previews and encodes use the tiny model as the service loads it (`DiffusersEngine`, default
+settings), and encode with the quality and metadata the service writes.
 """
 
 import argparse
 import json
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +25,25 @@ from PIL import Image
 from benchmarks import measure
 from benchmarks.report import write_markdown
 from benchmarks.speed import PLANS, run
-from ovis_service.imaging import FORMATS, encode_image
-from ovis_service.pipeline import loop
-from ovis_service.pipeline.tiny import build_tiny_pipeline
+from ovis_service.config import Settings
+from ovis_service.engine import EngineInfo
+from ovis_service.imaging import FORMATS, ImageFormat, encode_image
+from ovis_service.model_source import public_model_name
+from ovis_service.pipeline import DiffusersEngine, loop
+from ovis_service.pipeline.tiny import TINY_MODEL_ID
 from ovis_service.schemas import GenerationParams
 
 mpl.use("Agg")  # no display; must precede pyplot
 from matplotlib import pyplot as plt
 
 CPU = torch.device("cpu")
+SETTINGS = Settings(model=TINY_MODEL_ID, device="cpu")
 
 
-def preview_costs(repeats: int) -> list[dict[str, Any]]:
+def preview_costs(engine: DiffusersEngine, repeats: int) -> list[dict[str, Any]]:
     """Seconds per preview: unpack, VAE-decode and post-process one clean estimate."""
-    pipe = build_tiny_pipeline()
+    pipe = engine.pipeline
+    assert pipe is not None, "load the engine first"
     rows = []
     for size in (512, 1024):
         tokens = (size // 16) ** 2
@@ -60,24 +69,27 @@ def _test_images(size: int) -> dict[str, Image.Image]:
     return {"smooth": smooth, "noise": noise}
 
 
-def encode_costs(repeats: int, size: int = 1024) -> list[dict[str, Any]]:
-    params = GenerationParams(
-        prompt="a red fox in the snow",
-        negative_prompt="",
-        num_inference_steps=50,
-        cfg_scale=5.0,
-        width=size,
-        height=size,
-        seed=0,
-    )
+def _service_quality(image_format: ImageFormat) -> int:
+    """What the service encodes with when a request names no quality (PNG has none)."""
+    return SETTINGS.webp_quality if image_format == "webp" else SETTINGS.jpeg_quality
+
+
+def encode_costs(info: EngineInfo, repeats: int, size: int = 1024) -> list[dict[str, Any]]:
+    params = GenerationParams(prompt="a red fox in the snow", width=size, height=size)
+    model_name = public_model_name(SETTINGS.model)
     rows = []
     for kind, image in _test_images(size).items():
         for image_format in FORMATS:
-            data = encode_image(image, params, "tiny", image_format=image_format)
-
-            def encode(image: Image.Image = image, image_format: str = image_format) -> None:
-                encode_image(image, params, "tiny", image_format=image_format)  # type: ignore[arg-type]
-
+            encode = partial(
+                encode_image,
+                image,
+                params,
+                model_name,
+                image_format=image_format,
+                quality=_service_quality(image_format),
+                levers=info.levers,
+            )
+            data = encode()
             seconds = measure.seconds(encode, CPU, repeats)
             rows.append(
                 {
@@ -120,8 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     plan = replace(PLANS["tiny"], size=512, repeats=args.repeats, budget_s=900)
     levers = asdict(run(plan, args.out / "levers"))
-    previews = preview_costs(args.repeats)
-    encodes = encode_costs(args.repeats)
+    engine = DiffusersEngine(SETTINGS)
+    info = engine.load()
+    previews = preview_costs(engine, args.repeats)
+    encodes = encode_costs(info, args.repeats)
+    engine.release()
     (args.out / "cpu.json").write_text(
         json.dumps({"levers": levers, "previews": previews, "encodes": encodes}, indent=2) + "\n"
     )
