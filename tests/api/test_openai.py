@@ -18,6 +18,13 @@ from tests.support.service import ServiceProcess, run_service
 
 FAKE_COMMAND = [sys.executable, "-m", "tests.support.fake_service"]
 QUICK = {"num_inference_steps": 2}
+# The service counts no tokens, and says so with zeros (None fields are the SDK's own).
+ZERO_USAGE = {
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "total_tokens": 0,
+    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +44,9 @@ def test_a_png_with_the_sdk_defaults_filled_in(client: openai.OpenAI) -> None:
     result = client.images.generate(prompt="a red fox", size="256x256", extra_body=QUICK)
     assert result.created > 0
     assert (result.output_format, result.size, result.background) == ("png", "256x256", "opaque")
-    assert result.quality is not None
+    assert result.quality == "auto"  # the SDK sends none
+    assert result.usage is not None
+    assert result.usage.model_dump(exclude_none=True) == ZERO_USAGE
     assert result.data is not None
     assert len(result.data) == 1
     image, data = decode(result.data[0].b64_json)
@@ -187,7 +196,8 @@ def test_streaming_sends_partial_images_then_the_completed_image(client: openai.
         assert image.size == (256, 256)
         assert (event.size, event.output_format, event.background) == ("256x256", "png", "opaque")
     completed = events[-1]
-    assert completed.usage is not None  # type: ignore[union-attr]
+    assert completed.quality == "auto"
+    assert completed.usage.model_dump(exclude_none=True) == ZERO_USAGE  # type: ignore[union-attr]
     # The streamed image is the image the same request gives without streaming.
     plain = client.images.generate(
         prompt="a mountain", size="256x256", extra_body={"num_inference_steps": 6, "seed": 9}
