@@ -101,6 +101,27 @@ def test_output_formats_with_compression(
     assert read_metadata(data)["seed"] == "3"
 
 
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_output_compression_sets_the_encoders_quality(
+    client: openai.OpenAI, output_format: str
+) -> None:
+    sizes = {}
+    for compression in (10, 95):
+        # The same seed, so the same pixels: only the encoder's quality differs.
+        result = client.images.generate(
+            prompt="a cat",
+            size="256x256",
+            output_format=output_format,  # type: ignore[arg-type]
+            output_compression=compression,
+            extra_body={**QUICK, "seed": 3},
+        )
+        assert result.data is not None
+        _, data = decode(result.data[0].b64_json)
+        sizes[compression] = len(data)
+    # The tiny model paints noise, which a high quality keeps at a cost of many more bytes.
+    assert sizes[95] > 2 * sizes[10], sizes
+
+
 def test_the_requests_open_webui_sends_work(tiny_service: ServiceProcess) -> None:
     # Model dall-e-2, size 512x512, b64_json, and an empty bearer token ("Bearer " with its
     # trailing space, which httpx refuses to send, hence http.client); the knobs it can add come
