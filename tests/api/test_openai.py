@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -225,6 +226,31 @@ def test_streaming_sends_partial_images_then_the_completed_image(client: openai.
     )
     assert plain.data is not None
     assert plain.data[0].b64_json == completed.b64_json
+
+
+def test_a_stream_of_n_images_completes_each_with_its_own_seed_and_metadata(
+    client: openai.OpenAI,
+) -> None:
+    arguments: dict[str, Any] = {
+        "prompt": "a harbour",
+        "n": 2,
+        "size": "256x256",
+        "extra_body": {**QUICK, "seed": 41},
+    }
+    events = list(client.images.generate(**arguments, stream=True))
+    assert [event.type for event in events] == ["image_generation.completed"] * 2
+    streamed = {}
+    for event in events:
+        seed = event.model_extra["seed"]  # type: ignore[index]
+        _, data = decode(event.b64_json)
+        # The image says the seed its event says: each image's own parameters, not the first's.
+        assert read_metadata(data)["seed"] == str(seed)
+        streamed[seed] = event.b64_json
+    assert sorted(streamed) == [41, 42]
+    # Each streamed image is the one its seed makes without streaming.
+    plain = client.images.generate(**arguments)
+    assert plain.data is not None
+    assert streamed == {item.model_extra["seed"]: item.b64_json for item in plain.data}  # type: ignore[index]
 
 
 @pytest.fixture(scope="module")
