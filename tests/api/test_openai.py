@@ -5,7 +5,10 @@ import http.client
 import io
 import json
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from tests.support.service import ServiceProcess, run_service
 
 FAKE_COMMAND = [sys.executable, "-m", "tests.support.fake_service"]
 QUICK = {"num_inference_steps": 2}
+WAIT = 30.0
 # The service counts no tokens, and says so with zeros (None fields are the SDK's own).
 ZERO_USAGE = {
     "input_tokens": 0,
@@ -254,13 +258,24 @@ def test_a_stream_of_n_images_completes_each_with_its_own_seed_and_metadata(
 
 
 @pytest.fixture(scope="module")
-def keyed_busy_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """A fake engine (fast to start) behind an API key, with room for one queued job."""
-    with run_service(
-        tmp_path_factory.mktemp("keyed"),
-        command=FAKE_COMMAND,
-        env={"OVIS_API_KEY": "sesame", "OVIS_QUEUE_SIZE": "1", "FAKE_STEP_SECONDS": "0.05"},
-    ) as service:
+def hold_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Created by a test to release the keyed service's `held...` jobs."""
+    return tmp_path_factory.mktemp("hold") / "release"
+
+
+@pytest.fixture(scope="module")
+def keyed_busy_service(
+    tmp_path_factory: pytest.TempPathFactory, hold_file: Path
+) -> Iterator[ServiceProcess]:
+    """A fake engine (fast to start) behind an API key: one inference thread and one queue
+    place, so two requests fill it."""
+    env = {
+        "OVIS_API_KEY": "sesame",
+        "OVIS_QUEUE_SIZE": "1",
+        "FAKE_STEP_SECONDS": "0.05",
+        "FAKE_HOLD_FILE": str(hold_file),
+    }
+    with run_service(tmp_path_factory.mktemp("keyed"), command=FAKE_COMMAND, env=env) as service:
         yield service
 
 
@@ -311,10 +326,73 @@ def test_a_full_queue_is_503_with_retry_after_and_never_half_served(
         assert caught.value.body["code"] == "queue_full"  # type: ignore[index]
         health = http.get("/health").json()
         assert (health["queue_depth"], health["running"]) == (0, 0)
-        # The SDK with its default retries honours Retry-After and gets through.
-        with openai.OpenAI(base_url=url + "/v1", api_key="sesame") as retrying:
-            result = retrying.images.generate(
-                prompt="one", size="256x256", extra_body={"num_inference_steps": 2}
+
+
+def _post_held(service: ServiceProcess) -> int:
+    with service.client(headers={"Authorization": "Bearer sesame"}) as http:
+        body = {"prompt": "held", "num_inference_steps": 2, "image_size": 256}
+        return http.post("/generate", json=body).status_code
+
+
+def _wait_for_health(service: ServiceProcess, predicate: Any) -> None:
+    deadline = time.monotonic() + WAIT
+    with service.client() as http:
+        while not predicate(body := http.get("/health").json()):
+            assert time.monotonic() < deadline, body
+            time.sleep(0.02)
+
+
+def test_the_sdk_waits_out_retry_after_on_a_full_queue_then_gets_through(
+    keyed_busy_service: ServiceProcess, hold_file: Path
+) -> None:
+    # What the SDK sent and heard: (when, status, Retry-After) per answer, when per attempt.
+    answers: list[tuple[float, int, str | None]] = []
+    attempts: list[float] = []
+    refused = threading.Event()
+
+    def heard(response: Any) -> None:
+        answers.append(
+            (time.monotonic(), response.status_code, response.headers.get("retry-after"))
+        )
+        if response.status_code == 503:
+            refused.set()
+
+    http_client = openai.DefaultHttpxClient(
+        event_hooks={
+            "request": [lambda _request: attempts.append(time.monotonic())],
+            "response": [heard],
+        }
+    )
+    url = keyed_busy_service.base_url + "/v1"
+    with (
+        ThreadPoolExecutor(3) as pool,
+        openai.OpenAI(base_url=url, api_key="sesame", http_client=http_client) as retrying,
+    ):
+        try:
+            # One thread and one queue place: a held job on each fills the service.
+            held = [pool.submit(_post_held, keyed_busy_service)]
+            _wait_for_health(keyed_busy_service, lambda body: body["running"] == 1)
+            held.append(pool.submit(_post_held, keyed_busy_service))
+            _wait_for_health(keyed_busy_service, lambda body: body["queue_depth"] == 1)
+            call = pool.submit(
+                retrying.images.with_raw_response.generate,
+                prompt="one",
+                size="256x256",
+                extra_body={"num_inference_steps": 2},
             )
-        assert result.data is not None
+            assert refused.wait(WAIT), answers
+        finally:
+            # Room again, well within the shortest Retry-After of one second.
+            hold_file.touch()
+        raw = call.result(WAIT + 120)
+        assert [future.result(WAIT) for future in held] == [200, 200]
+    assert [status for _, status, _ in answers] == [503, 200]
+    assert raw.retries_taken == 1
+    refused_at, _, retry_after = answers[0]
+    assert retry_after is not None
+    assert 1 <= int(retry_after) <= 120  # the SDK gives up at once past 120 s
+    # The SDK waited as long as it was told before it asked again.
+    assert attempts[1] - refused_at >= int(retry_after) - 0.05
+    result = raw.parse()
+    assert result.data is not None
     assert len(result.data) == 1
