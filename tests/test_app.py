@@ -1,4 +1,5 @@
-"""The Litestar app in process, on a fake engine: health states, errors, request ids, logs."""
+"""The Litestar app in process, on a fake engine: health states, errors, logs. Request ids have
+their own module, test_request_id.py."""
 
 import time
 from collections.abc import Iterator
@@ -95,29 +96,6 @@ def test_out_of_memory_is_a_503_with_retry_after_once_memory_was_freed() -> None
         assert engine.oom_recoveries == 1
         assert client.post("/generate", json=BODY).status_code == 200
         assert engine.oom_recoveries == 1
-
-
-@pytest.mark.parametrize(
-    ("sent", "echoed"),
-    [("client-id_1.2:3", True), ("x" * 129, False), ("has space", False), ("<script>", False)],
-)
-def test_only_plain_request_ids_are_echoed(
-    client: TestClient,  # type: ignore[type-arg]
-    sent: str,
-    echoed: bool,
-) -> None:
-    response = client.get("/health", headers={"X-Request-ID": sent})
-    assert (response.headers["x-request-id"] == sent) is echoed
-    assert len(response.headers["x-request-id"]) <= 128
-
-
-def test_unrouted_requests_also_get_a_request_id(client: TestClient) -> None:  # type: ignore[type-arg]
-    response = client.get("/nowhere")
-    assert response.status_code == 404
-    assert response.json()["request_id"] == response.headers["x-request-id"]
-    wrong_method = client.get("/generate")
-    assert wrong_method.status_code == 405
-    assert wrong_method.json()["request_id"] == wrong_method.headers["x-request-id"]
 
 
 def test_one_log_line_per_request_without_the_prompt(client: TestClient) -> None:  # type: ignore[type-arg]
