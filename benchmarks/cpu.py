@@ -27,7 +27,7 @@ from benchmarks.report import write_markdown
 from benchmarks.speed import PLANS, run
 from ovis_service.config import Settings
 from ovis_service.engine import EngineInfo
-from ovis_service.imaging import FORMATS, ImageFormat, encode_image
+from ovis_service.imaging import FORMATS, encode_image
 from ovis_service.model_source import public_model_name
 from ovis_service.pipeline import DiffusersEngine, loop
 from ovis_service.pipeline.tiny import TINY_MODEL_ID
@@ -69,11 +69,6 @@ def _test_images(size: int) -> dict[str, Image.Image]:
     return {"smooth": smooth, "noise": noise}
 
 
-def _service_quality(image_format: ImageFormat) -> int:
-    """What the service encodes with when a request names no quality (PNG has none)."""
-    return SETTINGS.webp_quality if image_format == "webp" else SETTINGS.jpeg_quality
-
-
 def encode_costs(info: EngineInfo, repeats: int, size: int = 1024) -> list[dict[str, Any]]:
     params = GenerationParams(prompt="a red fox in the snow", width=size, height=size)
     model_name = public_model_name(SETTINGS.model)
@@ -86,7 +81,7 @@ def encode_costs(info: EngineInfo, repeats: int, size: int = 1024) -> list[dict[
                 params,
                 model_name,
                 image_format=image_format,
-                quality=_service_quality(image_format),
+                quality=SETTINGS.quality_for(image_format),
                 levers=info.levers,
             )
             data = encode()

@@ -77,6 +77,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_prompts: bool = False
     metrics_public: bool = False  # /metrics without an API key, for a scraper on a private network
 
+    def quality_for(self, image_format: str) -> int:
+        """The quality an image format is written with when a request names none (PNG has
+        none, so it takes the JPEG figure, which its encoder ignores)."""
+        return self.webp_quality if image_format == "webp" else self.jpeg_quality
+
 
 # Settings that are not a plain field of the same name.
 _ALIASES = {"API_KEY": "api_keys", "API_KEYS": "api_keys"}

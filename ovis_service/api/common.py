@@ -75,11 +75,9 @@ def encoding_for(
     """How this request's images are written: the configured quality unless the request chose
     one, the public model name and the speed levers the loaded engine reports."""
     info = worker.snapshot().info
-    if quality is None:
-        quality = settings.webp_quality if image_format == "webp" else settings.jpeg_quality
     return Encoding(
         image_format=image_format,
-        quality=quality,
+        quality=quality if quality is not None else settings.quality_for(image_format),
         model_name=public_model_name(settings.model),
         levers=info.levers if info is not None else {},
     )
