@@ -5,6 +5,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from litestar import Litestar
 from litestar.testing import TestClient
 from structlog.testing import capture_logs
 
@@ -19,7 +20,7 @@ def settings(**overrides: object) -> Settings:
     return Settings(model="fake", warmup=False, **overrides)  # type: ignore[arg-type]
 
 
-def wait_for_health(client: TestClient, status: int) -> dict[str, object]:  # type: ignore[type-arg]
+def wait_for_health(client: TestClient[Litestar], status: int) -> dict[str, object]:
     deadline = time.monotonic() + 10
     while True:
         response = client.get("/health")
@@ -31,7 +32,7 @@ def wait_for_health(client: TestClient, status: int) -> dict[str, object]:  # ty
 
 
 @pytest.fixture
-def client() -> Iterator[TestClient]:  # type: ignore[type-arg]
+def client() -> Iterator[TestClient[Litestar]]:
     with TestClient(create_app(settings(), engine=FakeEngine())) as client:
         wait_for_health(client, 200)
         yield client
@@ -65,7 +66,7 @@ def test_health_stays_503_when_the_model_fails_to_load() -> None:
 
 
 def test_an_unexpected_failure_is_a_generic_500_with_the_request_id(
-    client: TestClient,  # type: ignore[type-arg]
+    client: TestClient[Litestar],
 ) -> None:
     with capture_logs() as logs:
         response = client.post(
@@ -98,7 +99,7 @@ def test_out_of_memory_is_a_503_with_retry_after_once_memory_was_freed() -> None
         assert engine.oom_recoveries == 1
 
 
-def test_one_log_line_per_request_without_the_prompt(client: TestClient) -> None:  # type: ignore[type-arg]
+def test_one_log_line_per_request_without_the_prompt(client: TestClient[Litestar]) -> None:
     with capture_logs() as logs:
         response = client.post("/generate", json={**BODY, "prompt": "a very private prompt"})
     assert response.status_code == 200
@@ -125,7 +126,7 @@ def test_prompts_are_logged_when_asked_for() -> None:
     assert line["prompt"] == "log me"
 
 
-def test_a_rejected_request_is_logged_with_its_status(client: TestClient) -> None:  # type: ignore[type-arg]
+def test_a_rejected_request_is_logged_with_its_status(client: TestClient[Litestar]) -> None:
     with capture_logs() as logs:
         client.post("/generate", json={"prompt": "a", "image_size": 100})
     line = next(log for log in logs if log["event"] == "request_rejected")
@@ -145,7 +146,7 @@ def test_a_rejected_request_is_logged_with_its_status(client: TestClient) -> Non
     ],
 )
 def test_only_a_json_content_type_is_accepted(
-    client: TestClient,  # type: ignore[type-arg]
+    client: TestClient[Litestar],
     content_type: str | None,
     status: int,
 ) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.timeout(60)
 BODY = {"prompt": "a fox", "num_inference_steps": 2, "image_size": 256, "seed": 5}
 WAIT = 10.0
 
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[Litestar]
 
 
 def settings(**overrides: Any) -> Settings:

@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 
 import pytest
+from litestar import Litestar
 from litestar.testing import TestClient
 
 from ovis_service.app import create_app
@@ -13,7 +14,7 @@ LIMIT = 2048
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:  # type: ignore[type-arg]
+def client() -> Iterator[TestClient[Litestar]]:
     settings = Settings(model="fake", warmup=False, max_body_bytes=LIMIT)
     with TestClient(create_app(settings, engine=FakeEngine())) as client:
         yield client
@@ -23,7 +24,7 @@ def oversized() -> bytes:
     return b'{"prompt": "' + b"a" * LIMIT + b'"}'
 
 
-def test_a_body_over_the_limit_is_told_the_limit(client: TestClient) -> None:  # type: ignore[type-arg]
+def test_a_body_over_the_limit_is_told_the_limit(client: TestClient[Litestar]) -> None:
     response = client.post(
         "/generate", content=oversized(), headers={"Content-Type": "application/json"}
     )
@@ -33,7 +34,7 @@ def test_a_body_over_the_limit_is_told_the_limit(client: TestClient) -> None:  #
     )
 
 
-def test_the_openai_surface_names_the_limit_too(client: TestClient) -> None:  # type: ignore[type-arg]
+def test_the_openai_surface_names_the_limit_too(client: TestClient[Litestar]) -> None:
     response = client.post(
         "/v1/images/generations",
         content=oversized(),
