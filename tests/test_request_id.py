@@ -12,7 +12,6 @@ import pytest
 import structlog
 from litestar import Litestar
 from litestar.testing import TestClient
-from litestar.types import Message, Receive, Scope, Send
 
 from ovis_service.app import create_app
 from ovis_service.config import Settings
@@ -95,19 +94,20 @@ def test_request_id_from_headers_keeps_a_safe_id_and_replaces_anything_else() ->
 
 
 def test_the_id_is_in_the_log_context_for_the_request_and_gone_after_it() -> None:
+    # Plain ASGI, typed loosely: the messages are dicts as the server would send them.
     seen: dict[str, Any] = {}
-    sent: list[Message] = []
+    sent: list[Any] = []
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
         seen["current"] = current_request_id()
         seen["context"] = structlog.contextvars.get_contextvars()
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    async def receive() -> Message:
+    async def receive() -> Any:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: Message) -> None:
+    async def send(message: Any) -> None:
         sent.append(message)
 
     async def one_request() -> tuple[str, dict[str, Any]]:
@@ -126,13 +126,13 @@ def test_the_id_is_in_the_log_context_for_the_request_and_gone_after_it() -> Non
 def test_lifespan_messages_pass_through_without_an_id() -> None:
     seen: list[str] = []
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
         seen.append(current_request_id())
 
-    async def nothing() -> Message:
+    async def nothing() -> Any:
         raise AssertionError("not called")
 
-    async def ignore(_message: Message) -> None:
+    async def ignore(_message: Any) -> None:
         return None
 
     scope: Any = {"type": "lifespan"}

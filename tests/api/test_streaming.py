@@ -58,7 +58,9 @@ def client() -> Iterator[TestClient[Litestar]]:
 
 def read_events(response: httpx.Response) -> list[tuple[str, dict[str, object]]]:
     """(event, data) pairs by the server-sent events rules: a blank line ends an event."""
-    events, name, data = [], "message", []
+    events: list[tuple[str, dict[str, object]]] = []
+    data: list[str] = []
+    name = "message"
     for line in response.iter_lines():
         if not line:
             if data:
