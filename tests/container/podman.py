@@ -40,7 +40,7 @@ def unavailable(message: str) -> NoReturn:
 
 
 class CommandFailedError(AssertionError):
-    pass
+    """A podman or compose command that failed: a failed check, with its output."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,6 @@ class Host:
         command: list[str],
         *,
         cwd: Path | None = None,
-        input_text: str | None = None,
         timeout: float = 120,
         check: bool = True,
     ) -> subprocess.CompletedProcess[str]:
@@ -101,7 +100,6 @@ class Host:
             command,
             cwd=cwd,
             env=self.environment(),
-            input=input_text,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -115,9 +113,9 @@ class Host:
         return result
 
     def podman(
-        self, *args: str, timeout: float = 120, check: bool = True, input_text: str | None = None
+        self, *args: str, timeout: float = 120, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        return self.run(["podman", *args], timeout=timeout, check=check, input_text=input_text)
+        return self.run(["podman", *args], timeout=timeout, check=check)
 
     def image_config(self, image: str) -> dict[str, Any]:
         output = self.podman("image", "inspect", "--format", "{{json .}}", image).stdout
