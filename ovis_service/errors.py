@@ -77,7 +77,8 @@ class OutOfMemoryError(OverloadedError):
 
 
 class NotReadyError(ServiceError):
-    """The model failed to load, or an inference thread is gone: a restart is needed."""
+    """No model to run the job: as such, it failed to load or an inference thread is gone, and
+    only a restart helps; as `ModelLoadingError`, it is still loading."""
 
     status_code = 503
     openai_code = "model_not_ready"

@@ -1,9 +1,13 @@
 """The HTTP surfaces, one module each, over `ovis_service.generation`:
 
-- `native`   `POST /generate`: JSON in, PNG/WebP/JPEG or a progress stream out
-- `openai`   `/v1/images/generations`, `/v1/models`: OpenAI's Images API
-- `streaming` the server-sent events of both
-- `ops`      `/health` (readiness), liveness and metrics
+- `native`        `POST /generate`: JSON in, PNG/WebP/JPEG or a progress stream out
+- `openai`        `/v1/images/generations`, `/v1/models`: OpenAI's Images API, with its body
+                  schemas in `openai_schemas` and its translation into jobs in `openai_translation`
+- `streaming`     the server-sent events of both
+- `ops`           `/health` (readiness), `/livez` (liveness) and `/metrics`
+- `page`, `docs`  the playground and the offline API docs
+- `errors`        the one exception handler: native and OpenAI error bodies
+- `dependencies`  what handlers receive by injection; `common` what every surface shares
 """
 
 from typing import Any

@@ -109,7 +109,7 @@ class OpenAIController(Controller):
             watch=plan.stream,
             preview_steps=plan.preview_steps,
         )
-        encoding = encoding_for(worker, settings, plan.image_format, plan.quality)
+        encoding = encoding_for(worker, settings, plan.image_format, plan.encode_quality)
         headers = {"X-Seed": str(plan.params[0].seed)}
         if plan.stream:
             return EventStream(

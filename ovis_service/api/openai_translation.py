@@ -26,7 +26,7 @@ class ImagesPlan:
 
     params: list[GenerationParams]  # one job per image
     image_format: ImageFormat
-    quality: int | None  # `output_compression`; None means the configured quality
+    encode_quality: int | None  # `output_compression`; None means the configured one
     stream: bool
     preview_steps: frozenset[int]  # steps after which a streamed request gets a partial image
     # The response fields every answer repeats: output_format, size, quality, background.
@@ -64,7 +64,7 @@ def translate(
     return ImagesPlan(
         params=params,
         image_format=image_format,
-        quality=data.output_compression,
+        encode_quality=data.output_compression,
         stream=stream,
         preview_steps=preview_steps(data.partial_images or 0, steps) if stream else frozenset(),
         echo={

@@ -14,11 +14,13 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import msgspec
 import structlog
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from ovis_service.api.common import to_b64
 from ovis_service.api.errors import openai_error_body
+from ovis_service.api.openai_schemas import Usage
 from ovis_service.errors import GenerationFailedError, ServiceError
 from ovis_service.generation import (
     EncodedImage,
@@ -131,12 +133,7 @@ async def _finish(
 
 
 # The service counts no tokens; OpenAI's clients expect the object to be there.
-ZERO_USAGE: dict[str, Any] = {
-    "input_tokens": 0,
-    "output_tokens": 0,
-    "total_tokens": 0,
-    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
-}
+ZERO_USAGE: dict[str, Any] = msgspec.to_builtins(Usage())
 
 
 def _openai_event(event_type: str, payload: Mapping[str, Any]) -> ServerSentEventMessage:

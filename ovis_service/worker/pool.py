@@ -144,8 +144,9 @@ class InferencePool:
             if state is not WorkerState.READY:
                 raise self.count_rejection(self._refusal_locked(state))
             running = sum(thread.job is not None for thread in self._threads)
-            live = sum(thread.observed_state is WorkerState.READY for thread in self._threads)
-            if self._queued + running + len(jobs) > live + self._capacity:
+            # A READY pool has every thread alive and loaded (one dead thread makes it DEAD),
+            # so each thread is a place: running a job, or free to take the next.
+            if self._queued + running + len(jobs) > len(self._threads) + self._capacity:
                 raise self.count_rejection(
                     OverloadedError(
                         "the queue is full; retry later"

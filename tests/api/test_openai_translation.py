@@ -27,7 +27,7 @@ def test_defaults_are_the_native_apis() -> None:
     assert params.cfg_scale == DEFAULT_CFG_SCALE
     assert params.negative_prompt == ""
     assert params.seed == 42
-    assert (plan.image_format, plan.quality, plan.stream) == ("png", None, False)
+    assert (plan.image_format, plan.encode_quality, plan.stream) == ("png", None, False)
     assert plan.echo == {
         "output_format": "png",
         "size": "1024x1024",
@@ -55,7 +55,7 @@ def test_extensions_and_size_reach_every_job() -> None:
         (512, 256, 8, 1.0)
     }
     assert {p.negative_prompt for p in plan.params} == {"fog"}
-    assert (plan.image_format, plan.quality) == ("webp", 30)
+    assert (plan.image_format, plan.encode_quality) == ("webp", 30)
     assert plan.echo["size"] == "512x256"
 
 
