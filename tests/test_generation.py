@@ -5,8 +5,6 @@ deadline backstop answers when a step never ends."""
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, cast
 
 import pytest
@@ -16,9 +14,9 @@ from ovis_service import generation
 from ovis_service.errors import DeadlineExceededError, GenerationFailedError, JobCancelledError
 from ovis_service.generation import Generation, ImageDone, StepDone, submit
 from ovis_service.worker.pool import InferencePool
-from ovis_service.worker.types import Job, WorkerState
+from ovis_service.worker.types import Job
 from tests.support.fakes import FakeEngine
-from tests.support.worker import WAIT, RecordingObserver, params, wait_for_state
+from tests.support.worker import WAIT, RecordingObserver, params, running_pool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,23 +37,6 @@ class FakeRequest:
 
     def as_request(self) -> Request[Any, Any, Any]:
         return cast(Request[Any, Any, Any], self)
-
-
-@contextmanager
-def started_pool(
-    engines: list[FakeEngine], capacity: int = 4, observer: RecordingObserver | None = None
-) -> Iterator[InferencePool]:
-    """A ready pool with one inference thread per engine; stopped afterwards, gates opened."""
-    pool = InferencePool(engines, capacity=capacity, observer=observer)
-    pool.start()
-    wait_for_state(pool, WorkerState.READY)
-    try:
-        yield pool
-    finally:
-        for engine in engines:
-            if engine.gate is not None:
-                engine.gate.set()
-        pool.stop(drain_timeout=0)
 
 
 def wait_until_idle(pool: InferencePool) -> None:
@@ -95,7 +76,7 @@ def assert_cancelled(jobs: list[Job]) -> None:
 @pytest.mark.parametrize("path", ["outcomes", "stream"])
 def test_one_failed_image_cancels_the_other_images_of_its_request(path: str) -> None:
     engines = [FakeEngine(step_seconds=0.01), FakeEngine(step_seconds=0.01)]
-    with started_pool(engines) as pool:
+    with running_pool(engines) as pool:
 
         async def scenario() -> Generation:
             # One thread takes the long image, the other the failing one; the third waits.
@@ -125,7 +106,7 @@ def test_one_failed_image_cancels_the_other_images_of_its_request(path: str) -> 
 def test_a_hang_up_cancels_every_job_running_or_queued() -> None:
     gate = threading.Event()
     engine = FakeEngine(step_seconds=0.01, gate=gate)
-    with started_pool([engine]) as pool:
+    with running_pool([engine]) as pool:
 
         async def scenario() -> Generation:
             request = submit(
@@ -164,7 +145,7 @@ def test_the_deadline_backstop_answers_504_when_a_step_never_ends(
     gate = threading.Event()  # never opened while the request waits: the first step hangs
     observer = RecordingObserver()
     engine = FakeEngine(step_seconds=0.01, gate=gate)
-    with started_pool([engine], observer=observer) as pool:
+    with running_pool([engine], observer=observer) as pool:
 
         async def scenario() -> tuple[Generation, float]:
             request = submit(
@@ -191,7 +172,7 @@ def test_the_deadline_backstop_answers_504_when_a_step_never_ends(
 
 def test_the_stream_reports_every_step_and_image_of_every_job() -> None:
     engines = [FakeEngine(step_seconds=0.001), FakeEngine(step_seconds=0.001)]
-    with started_pool(engines) as pool:
+    with running_pool(engines) as pool:
 
         async def scenario() -> list[object]:
             request = submit(

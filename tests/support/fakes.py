@@ -128,3 +128,11 @@ class FakeEngine:
     def release(self) -> None:
         self._touch()
         self.released = True
+
+
+class BrokenRecoveryEngine(FakeEngine):
+    """A fault outside the per-job guard: recovering from out of memory itself blows up, so an
+    `oom...` prompt kills the inference thread that runs it."""
+
+    def recover_from_oom(self) -> None:
+        raise RuntimeError("driver gone")

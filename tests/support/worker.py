@@ -1,10 +1,11 @@
-"""Helpers for tests that drive the inference pool directly: jobs, gates, a recording observer."""
+"""Helpers for tests that drive the inference pool directly: a started pool, jobs, gates, a
+recording observer."""
 
 import asyncio
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,7 +13,7 @@ from ovis_service.engine import EngineInfo, ProgressCallback
 from ovis_service.errors import RejectReason
 from ovis_service.schemas import GenerationParams
 from ovis_service.worker.pool import InferencePool
-from ovis_service.worker.types import Job, JobOutcome, WorkerState
+from ovis_service.worker.types import Job, JobOutcome, WorkerObserver, WorkerState
 from tests.support.fakes import FakeEngine
 
 WAIT = 10.0  # generous bound on anything that should happen "soon"
@@ -69,19 +70,29 @@ def wait_for_state(worker: InferencePool, *states: WorkerState) -> None:
 
 
 @contextmanager
-def running_worker(
-    engine: FakeEngine, capacity: int, clock: Callable[[], float] = time.monotonic
+def running_pool(
+    engines: FakeEngine | Sequence[FakeEngine],
+    capacity: int = 4,
+    *,
+    labels: Sequence[str] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    observer: WorkerObserver | None = None,
 ) -> Iterator[InferencePool]:
-    """A started, ready worker; stopped afterwards with any test gate opened."""
-    worker = InferencePool(engine, capacity=capacity, clock=clock)
-    worker.start()
-    wait_for_state(worker, WorkerState.READY)
+    """A started, ready pool with one inference thread per engine; stopped afterwards with every
+    test gate opened, so a test that fails midway never leaves a thread waiting at one."""
+    engine_list = [engines] if isinstance(engines, FakeEngine) else list(engines)
+    pool = InferencePool(
+        engine_list, capacity=capacity, labels=labels, clock=clock, observer=observer
+    )
+    pool.start()
+    wait_for_state(pool, WorkerState.READY)
     try:
-        yield worker
+        yield pool
     finally:
-        if engine.gate is not None:
-            engine.gate.set()
-        worker.stop(drain_timeout=0)
+        for engine in engine_list:
+            if engine.gate is not None:
+                engine.gate.set()
+        pool.stop(drain_timeout=0)
 
 
 class GatedLoadEngine(FakeEngine):

@@ -6,7 +6,7 @@ import pytest
 
 from ovis_service.worker.pool import InferencePool
 from tests.support.fakes import FakeEngine
-from tests.support.worker import running_worker
+from tests.support.worker import running_pool
 
 
 @pytest.fixture
@@ -16,5 +16,5 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 def worker(engine: FakeEngine) -> Iterator[InferencePool]:
-    with running_worker(engine, capacity=2) as worker:
+    with running_pool(engine, capacity=2) as worker:
         yield worker

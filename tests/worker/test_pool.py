@@ -6,8 +6,6 @@ something took."""
 import asyncio
 import math
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from structlog.testing import capture_logs
@@ -23,7 +21,7 @@ from ovis_service.schemas import GenerationParams
 from ovis_service.wait_estimate import PRIOR_SECONDS_PER_STEP_MEGAPIXEL
 from ovis_service.worker.pool import InferencePool
 from ovis_service.worker.types import JobOutcome, WorkerState
-from tests.support.fakes import FakeClock, FakeEngine
+from tests.support.fakes import BrokenRecoveryEngine, FakeClock, FakeEngine
 from tests.support.worker import (
     WAIT,
     GatedLoadEngine,
@@ -31,11 +29,14 @@ from tests.support.worker import (
     make_job,
     outcome,
     pause_at,
-    running_worker,
+    running_pool,
     wait_for_state,
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+# Thread labels unlike the device the fake engines report, so a snapshot shows which it read.
+TWO_CPUS = ["cpu#0", "cpu#1"]
 
 
 def test_a_full_queue_is_refused_at_once_with_retry_after() -> None:
@@ -43,7 +44,7 @@ def test_a_full_queue_is_refused_at_once_with_retry_after() -> None:
     # would never return (and the per-test timeout would fail the test).
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
-    with running_worker(engine, capacity=2) as worker:
+    with running_pool(engine, capacity=2) as worker:
 
         async def scenario() -> None:
             running = make_job("running")
@@ -69,7 +70,7 @@ def test_a_full_queue_is_refused_at_once_with_retry_after() -> None:
 def test_a_request_for_more_images_than_there_is_room_for_is_refused_whole() -> None:
     gate = threading.Event()
     engine = FakeEngine(gate=gate)
-    with running_worker(engine, capacity=3) as worker:
+    with running_pool(engine, capacity=3) as worker:
 
         async def scenario() -> None:
             worker.submit(make_job("running"))
@@ -86,7 +87,7 @@ def test_a_request_for_more_images_than_there_is_room_for_is_refused_whole() -> 
 def test_retry_after_is_the_work_ahead_at_the_measured_seconds_per_step_and_pixel() -> None:
     clock = FakeClock()
     engine = FakeEngine(step_seconds=0.5, clock=clock)
-    with running_worker(engine, capacity=4, clock=clock) as worker:
+    with running_pool(engine, capacity=4, clock=clock) as worker:
 
         async def scenario() -> None:
             assert worker.retry_after() == 1  # nothing ahead: the floor
@@ -138,7 +139,7 @@ def test_a_cancelled_queued_job_never_reaches_the_engine() -> None:
         worker.submit(after)
         await outcome(after)
 
-    with capture_logs() as logs, running_worker(engine, capacity=2) as worker:
+    with capture_logs() as logs, running_pool(engine, capacity=2) as worker:
         asyncio.run(scenario(worker))
     assert engine.started == ["first", "after"]
     skipped = [log for log in logs if log["event"] == "job_skipped"]
@@ -341,26 +342,10 @@ def test_the_observer_hears_every_refusal_with_its_reason_and_every_finished_job
     assert len(observer.finished) == 1
 
 
-@contextmanager
-def pool(engines: list[FakeEngine], capacity: int = 4) -> Iterator[InferencePool]:
-    worker = InferencePool(
-        engines, capacity=capacity, labels=[f"cpu#{i}" for i in range(len(engines))]
-    )
-    worker.start()
-    wait_for_state(worker, WorkerState.READY)
-    try:
-        yield worker
-    finally:
-        for engine in engines:
-            if engine.gate is not None:
-                engine.gate.set()
-        worker.stop(drain_timeout=0)
-
-
 def test_two_threads_run_two_jobs_at_once_and_share_the_wait() -> None:
     gate = threading.Event()
     engines = [FakeEngine(gate=gate), FakeEngine(gate=gate)]
-    with pool(engines) as worker:
+    with running_pool(engines, labels=TWO_CPUS) as worker:
 
         async def scenario() -> None:
             running = [make_job(f"run-{i}", steps=50, size=1024) for i in range(2)]
@@ -442,15 +427,10 @@ def test_one_thread_failing_to_load_fails_the_pool_and_names_its_device() -> Non
     assert worker.snapshot().state is WorkerState.FAILED
 
 
-class _BrokenRecoveryEngine(FakeEngine):
-    def recover_from_oom(self) -> None:
-        raise RuntimeError("driver gone")
-
-
 def test_a_dead_thread_marks_the_pool_dead_while_the_other_lives() -> None:
     # Both engines break the same way; whichever thread takes the job dies.
-    engines: list[FakeEngine] = [_BrokenRecoveryEngine(), _BrokenRecoveryEngine()]
-    with pool(engines) as worker:
+    engines: list[FakeEngine] = [BrokenRecoveryEngine(), BrokenRecoveryEngine()]
+    with running_pool(engines, labels=TWO_CPUS) as worker:
 
         async def scenario() -> None:
             fatal = make_job("oom that kills")
@@ -523,7 +503,7 @@ def test_a_cancelled_queued_job_leaves_nothing_in_the_retry_after_estimate() -> 
     gate = threading.Event()
     # One second per step of a one-megapixel image, on the fake clock.
     engine = FakeEngine(gate=gate, clock=clock, step_seconds=1.0)
-    with running_worker(engine, capacity=2, clock=clock) as worker:
+    with running_pool(engine, capacity=2, clock=clock) as worker:
 
         async def scenario() -> None:
             first = make_job("first", steps=2, size=1000, clock=clock)
@@ -553,7 +533,7 @@ def test_idle_threads_are_capacity_too_and_the_queue_keeps_its_places() -> None:
     one take three jobs at once, whether or not a thread has picked any up yet."""
     gate = threading.Event()
     engines = [FakeEngine(gate=gate), FakeEngine(gate=gate)]
-    with pool(engines, capacity=1) as worker:
+    with running_pool(engines, capacity=1, labels=TWO_CPUS) as worker:
 
         async def scenario() -> None:
             jobs = [make_job(f"burst-{i}") for i in range(3)]
@@ -583,7 +563,7 @@ def test_idle_threads_are_capacity_too_and_the_queue_keeps_its_places() -> None:
 def test_a_request_for_as_many_images_as_idle_threads_is_admitted_whole() -> None:
     gate = threading.Event()
     engines = [FakeEngine(gate=gate), FakeEngine(gate=gate)]
-    with pool(engines, capacity=1) as worker:
+    with running_pool(engines, capacity=1, labels=TWO_CPUS) as worker:
 
         async def scenario() -> None:
             with pytest.raises(OverloadedError) as refused:
@@ -603,7 +583,7 @@ def test_a_thread_is_free_again_by_the_time_its_client_hears_back() -> None:
     """A client that sends its next request as soon as it has its answer must find the thread
     it just used counted as idle, never as still running."""
     engine = FakeEngine()
-    with running_worker(engine, capacity=1) as worker:
+    with running_pool(engine, capacity=1) as worker:
 
         async def scenario() -> None:
             for round_number in range(50):

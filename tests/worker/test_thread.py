@@ -15,13 +15,13 @@ from ovis_service.errors import (
 )
 from ovis_service.worker.pool import InferencePool
 from ovis_service.worker.types import WorkerState
-from tests.support.fakes import FakeClock, FakeEngine
+from tests.support.fakes import BrokenRecoveryEngine, FakeClock, FakeEngine
 from tests.support.worker import (
     WAIT,
     make_job,
     outcome,
     pause_at,
-    running_worker,
+    running_pool,
     wait_for_state,
 )
 
@@ -80,7 +80,7 @@ def test_a_job_past_its_deadline_is_never_started(
 def test_a_running_job_is_stopped_at_the_first_step_past_its_deadline() -> None:
     clock = FakeClock()
     engine = FakeEngine(step_seconds=0.25, clock=clock)
-    with running_worker(engine, capacity=1, clock=clock) as worker:
+    with running_pool(engine, capacity=1, clock=clock) as worker:
 
         async def scenario() -> None:
             slow = make_job("slow", steps=100, deadline_in=2.0, clock=clock)
@@ -159,15 +159,8 @@ def test_a_model_that_fails_to_load_leaves_the_worker_failed() -> None:
     assert worker.snapshot().state is WorkerState.FAILED  # a failed start never reads as clean
 
 
-class _BrokenRecoveryEngine(FakeEngine):
-    """A fault outside the per-job guard: recovering from OOM itself blows up."""
-
-    def recover_from_oom(self) -> None:
-        raise RuntimeError("driver gone")
-
-
 def test_a_dead_inference_thread_shows_in_the_snapshot_and_fails_waiting_jobs() -> None:
-    engine = _BrokenRecoveryEngine()
+    engine = BrokenRecoveryEngine()
 
     async def scenario(worker: InferencePool) -> None:
         fatal = make_job("oom that kills")
@@ -175,7 +168,7 @@ def test_a_dead_inference_thread_shows_in_the_snapshot_and_fails_waiting_jobs() 
         with pytest.raises(NotReadyError):
             await outcome(fatal)
 
-    with capture_logs() as logs, running_worker(engine, capacity=2) as worker:
+    with capture_logs() as logs, running_pool(engine, capacity=2) as worker:
         asyncio.run(scenario(worker))
         assert worker.snapshot().state is WorkerState.DEAD
         assert worker.snapshot().threads_alive == 0
