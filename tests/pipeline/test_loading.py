@@ -7,14 +7,9 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from structlog.testing import capture_logs
 
-from ovis_service.model_source import TINY_MODEL_ID, ModelLoadError, preflight
-from ovis_service.pipeline import tiny
+from ovis_service.model_source import ModelLoadError, preflight
 from ovis_service.pipeline.loading import explain, explained_failures, load_pretrained
 from ovis_service.pipeline.tiny import build_tiny_pipeline
-
-
-def test_the_tiny_id_is_the_one_the_pipeline_builds() -> None:
-    assert TINY_MODEL_ID == tiny.TINY_MODEL_ID
 
 
 def test_a_saved_pipeline_passes_and_loads(tmp_path: Path) -> None:
