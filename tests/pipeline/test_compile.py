@@ -30,7 +30,6 @@ REQUESTS = [(384, 256, 4.0), (384, 256, 1.0), (256, 256, 4.0), (512, 768, 4.0), 
 def params(width: int, height: int, cfg: float) -> GenerationParams:
     return GenerationParams(
         prompt="an astronaut riding a horse",
-        negative_prompt="",
         num_inference_steps=2,
         cfg_scale=cfg,
         width=width,

@@ -33,7 +33,6 @@ def params(
 ) -> GenerationParams:
     return GenerationParams(
         prompt="a bowl of ramen",
-        negative_prompt="",
         num_inference_steps=steps,
         cfg_scale=cfg,
         width=width,

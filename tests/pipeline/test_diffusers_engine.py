@@ -20,9 +20,7 @@ SIZE = 256
 def params(**overrides: object) -> GenerationParams:
     values: dict[str, object] = {
         "prompt": "a red fox in the snow",
-        "negative_prompt": "",
         "num_inference_steps": 2,
-        "cfg_scale": 5.0,
         "width": SIZE,
         "height": SIZE,
         "seed": 7,
