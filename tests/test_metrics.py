@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ovis_service.app import create_app
 from ovis_service.config import Settings
-from tests.support.fakes import FakeEngine
+from tests.support.fakes import BrokenRecoveryEngine, FakeEngine
 from tests.support.service import FAKE_COMMAND, ServiceProcess, run_service
 from tests.support.worker import GatedLoadEngine
 
@@ -199,13 +199,8 @@ def test_livez_is_200_while_loading_and_ready_and_503_once_the_model_failed() ->
         assert value(samples(client), "ovis_model_loaded") == 0
 
 
-class _BrokenRecoveryEngine(FakeEngine):
-    def recover_from_oom(self) -> None:
-        raise RuntimeError("driver gone")
-
-
 def test_a_dead_thread_turns_livez_and_health_503_and_shows_in_devices() -> None:
-    engines = [_BrokenRecoveryEngine(), _BrokenRecoveryEngine()]
+    engines = [BrokenRecoveryEngine(), BrokenRecoveryEngine()]
     with TestClient(create_app(settings(), engines=engines)) as client:
         wait_for(client, "/health", lambda body: body["status"] == "ok")
         assert client.post("/generate", json={**BODY, "prompt": "oom kills"}).status_code == 503

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from ovis_service.schemas import (
+    DEFAULT_IMAGE_SIZE,
     IMAGE_SIZE_STEP,
     MAX_CFG_SCALE,
     MAX_SEED,
@@ -97,6 +98,7 @@ def images_request_type(
     *, max_prompt_chars: int, max_steps: int, max_images: int, max_image_size: int
 ) -> type[ImagesRequestBase]:
     text = Annotated[str, msgspec.Meta(max_length=max_prompt_chars)]
+    auto_side = min(DEFAULT_IMAGE_SIZE, max_image_size)  # what `parse_size` makes of "auto"
     optional_text = Annotated[str, msgspec.Meta(max_length=256)] | None
     fields: list[tuple[str, Any, Any]] = [
         (
@@ -120,8 +122,8 @@ def images_request_type(
                 str,
                 msgspec.Meta(
                     max_length=16,
-                    description=f'"auto" (1024x1024) or "WxH", each side a multiple of '
-                    f"{IMAGE_SIZE_STEP} from {MIN_IMAGE_SIZE} to {max_image_size}.",
+                    description=f'"auto" ({auto_side}x{auto_side}) or "WxH", each side a '
+                    f"multiple of {IMAGE_SIZE_STEP} from {MIN_IMAGE_SIZE} to {max_image_size}.",
                     # Schema only: parse_size gives the clearer message.
                     extra_json_schema={"extra": {"pattern": size_pattern(max_image_size)}},
                 ),
