@@ -57,6 +57,9 @@ def decode_png(data: bytes) -> Image.Image:
         image.verify()
     image = Image.open(io.BytesIO(data))
     image.load()
+    # 8 bits a channel and no interlacing: what every viewer and browser reads at once.
+    assert image.mode in ("RGB", "RGBA"), image.mode
+    assert not image.info.get("interlace"), "the PNG is interlaced"
     return image
 
 
