@@ -3,7 +3,6 @@ accepted, public routes open, and a missing key told apart from a wrong one in t
 log. The same guard against the real server, with near-miss keys, the schema and the body limit,
 is in tests/reliability/test_security.py."""
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +13,7 @@ from structlog.testing import capture_logs
 from ovis_service.app import create_app
 from ovis_service.config import Settings
 from tests.support.fakes import FakeEngine
+from tests.support.in_process import ready_client
 
 KEYS = ("first-key", "second-key")
 MISSING = "missing API key: send 'Authorization: Bearer <key>'"
@@ -21,11 +21,7 @@ INVALID = "invalid API key"
 
 
 def started(settings: Settings) -> Iterator[TestClient[Litestar]]:
-    with TestClient(create_app(settings, engine=FakeEngine())) as client:
-        deadline = time.monotonic() + 10
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the fake engine never became ready"
-            time.sleep(0.01)
+    with ready_client(create_app(settings, engine=FakeEngine())) as client:
         yield client
 
 

@@ -4,7 +4,6 @@ bound to the log context for exactly the request's lifetime."""
 
 import asyncio
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +21,7 @@ from ovis_service.request_id import (
     request_id_from_headers,
 )
 from tests.support.fakes import FakeEngine
+from tests.support.in_process import ready_client
 
 FRESH_ID = re.compile(r"[0-9a-f]{32}")
 KEY = "k1"
@@ -31,11 +31,7 @@ KEY = "k1"
 def client() -> Iterator[TestClient[Litestar]]:
     """A keyed app with a small body limit, so that 401 and 413 answers can be asked for too."""
     settings = Settings(model="fake", warmup=False, api_keys=(KEY,), max_body_bytes=1024)
-    with TestClient(create_app(settings, engine=FakeEngine())) as client:
-        deadline = time.monotonic() + 10
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the fake engine never became ready"
-            time.sleep(0.01)
+    with ready_client(create_app(settings, engine=FakeEngine())) as client:
         yield client
 
 

@@ -2,7 +2,6 @@
 
 import base64
 import io
-import json
 from collections.abc import Iterator
 
 import httpx
@@ -11,6 +10,7 @@ from PIL import Image
 
 from ovis_service.imaging import read_metadata
 from tests.support.service import ServiceProcess
+from tests.support.sse import read_events
 
 QUICK = {"prompt": "a fox", "num_inference_steps": 2, "image_size": 256, "seed": 11}
 
@@ -19,21 +19,6 @@ QUICK = {"prompt": "a fox", "num_inference_steps": 2, "image_size": 256, "seed":
 def client(tiny_service: ServiceProcess) -> Iterator[httpx.Client]:
     with tiny_service.client(timeout=120) as client:
         yield client
-
-
-def read_events(response: httpx.Response) -> list[tuple[str, dict[str, object]]]:
-    """(event, data) pairs, parsed by the SSE rules: blank line ends an event."""
-    events, name, data = [], "message", []
-    for line in response.iter_lines():
-        if not line:
-            if data:
-                events.append((name, json.loads("\n".join(data))))
-            name, data = "message", []
-        elif line.startswith("event:"):
-            name = line.removeprefix("event:").strip()
-        elif line.startswith("data:"):
-            data.append(line.removeprefix("data:").strip())
-    return events
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,8 @@ A drain begins when uvicorn's shutdown begins (`DrainingServer.shutdown` calls t
 """
 
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 from litestar import Litestar
@@ -19,22 +17,13 @@ from ovis_service.api.dependencies import services_in
 from ovis_service.app import create_app
 from ovis_service.config import Settings
 from tests.support.fakes import FakeEngine
+from tests.support.in_process import ready_client, wait_for_health
 
 pytestmark = pytest.mark.timeout(60)
 
 BODY = {"prompt": "a fox", "num_inference_steps": 2, "image_size": 256, "seed": 5}
 WAIT = 10.0
 DRAIN_TIMEOUT = 30.0
-
-
-def wait_for_health(client: TestClient[Litestar], predicate: Any) -> dict[str, Any]:
-    deadline = time.monotonic() + WAIT
-    while True:
-        body: dict[str, Any] = client.get("/health").json()
-        if predicate(body):
-            return body
-        assert time.monotonic() < deadline, body
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -51,8 +40,7 @@ def app(gate: threading.Event) -> Litestar:
 
 @pytest.fixture
 def client(app: Litestar) -> Iterator[TestClient[Litestar]]:
-    with TestClient(app) as client:
-        wait_for_health(client, lambda body: body["status"] == "ok")
+    with ready_client(app) as client:
         yield client
 
 

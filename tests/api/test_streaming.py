@@ -3,12 +3,9 @@ out: the stream ends with an `error` event, `{detail, request_id}`. In process, 
 that breaks mid-run; the OpenAI stream's failure event is checked through the SDK in
 test_openai.py."""
 
-import json
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 
-import httpx
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
@@ -19,6 +16,8 @@ from ovis_service.config import Settings
 from ovis_service.engine import GenerationResult, StepHooks
 from ovis_service.schemas import GenerationParams
 from tests.support.fakes import SECRET_IN_ERROR, FakeEngine
+from tests.support.in_process import ready_client
+from tests.support.sse import read_events
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,29 +47,8 @@ class MidRunFailureEngine(FakeEngine):
 def client() -> Iterator[TestClient[Litestar]]:
     settings = Settings(model="fake", warmup=False, request_timeout=REQUEST_TIMEOUT)
     app = create_app(settings, engine=MidRunFailureEngine(step_seconds=0.02))
-    with TestClient(app) as client:
-        deadline = time.monotonic() + 10
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, "the fake engine never became ready"
-            time.sleep(0.01)
+    with ready_client(app) as client:
         yield client
-
-
-def read_events(response: httpx.Response) -> list[tuple[str, dict[str, object]]]:
-    """(event, data) pairs by the server-sent events rules: a blank line ends an event."""
-    events: list[tuple[str, dict[str, object]]] = []
-    data: list[str] = []
-    name = "message"
-    for line in response.iter_lines():
-        if not line:
-            if data:
-                events.append((name, json.loads("\n".join(data))))
-            name, data = "message", []
-        elif line.startswith("event:"):
-            name = line.removeprefix("event:").strip()
-        elif line.startswith("data:"):
-            data.append(line.removeprefix("data:").strip())
-    return events
 
 
 def stream(
