@@ -18,6 +18,9 @@ DEFAULT_MODEL = "AIDC-AI/Ovis-Image-7B"
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 DEVICES_PATTERN = r"^(auto|(cpu|cuda(:\d+)?)(,(cpu|cuda(:\d+)?))*)$"
+DATABASE_URL_PATTERN = r"^((postgres|postgresql)(\+psycopg)?://\S+)?$"
+# Settings whose values are never repeated in an error message.
+SECRET_FIELDS = frozenset({"api_keys", "webhook_secret", "database_url"})
 
 
 class SettingsError(ValueError):
@@ -77,6 +80,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_prompts: bool = False
     metrics_public: bool = False  # /metrics without an API key, for a scraper on a private network
 
+    # Jobs that outlive their connection (docs/jobs.md).
+    data_dir: Annotated[str, msgspec.Meta(min_length=1)] = "data"  # SQLite store and its lock
+    # PostgreSQL shared by replicas; empty means SQLite in `data_dir`.
+    database_url: Annotated[str, msgspec.Meta(pattern=DATABASE_URL_PATTERN)] = ""
+    public_url: Annotated[str, msgspec.Meta(pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")] = ""
+    job_ttl: PositiveInt = 86400  # seconds a finished job and its images are kept
+    max_pending_jobs: PositiveInt = 1000
+    webhook_secret: Annotated[str, msgspec.Meta(pattern=r"^(whsec_[A-Za-z0-9+/=]{16,})?$")] = ""
+    webhook_allowed_hosts: tuple[str, ...] = ()  # host or host:port that may be private
+
     def quality_for(self, image_format: str) -> int:
         """The quality an image format is written with when a request names none (PNG has
         none, so it takes the JPEG figure, which its encoder ignores)."""
@@ -101,6 +114,9 @@ _BOOL_SPELLINGS = {
 _PATTERN_HINTS = {
     "device": "one of auto, cpu, cuda or cuda:N",
     "devices": "auto, or a comma list of cpu, cuda and cuda:N (e.g. cuda:0,cuda:1)",
+    "database_url": "a PostgreSQL URL such as postgresql://user:password@host:5432/ovis",
+    "public_url": "the service's address as clients reach it, e.g. https://images.example.com",
+    "webhook_secret": "whsec_ followed by the base64 of at least 12 random bytes",
 }
 
 
@@ -120,6 +136,8 @@ def _normalise(name: str, raw: str) -> str | bool | list[str]:
         return [key.strip() for key in raw.split(",") if key.strip()]
     if name == "devices":
         return ",".join(part.strip() for part in raw.split(","))
+    if name == "webhook_allowed_hosts":
+        return [host.strip().lower() for host in raw.split(",") if host.strip()]
     if name in {"log_level"}:
         return raw.strip().upper()
     return raw.strip()
@@ -193,7 +211,7 @@ def _explain(
         return message
     field = path.rstrip("`").split("[")[0]
     raw = (raw_values or {}).get(field)
-    if raw is not None and field != "api_keys" and repr(raw) not in text:  # never echo a key
+    if raw is not None and field not in SECRET_FIELDS and repr(raw) not in text:
         # Every variable is text, so msgspec's "got `str`" says nothing: show the text instead.
         text = text.removesuffix(", got `str`") + f", got {raw!r}"
     return f"{_where(names.get(field, env_name(field)), origins)}: {text}{_accepted(field)}"
