@@ -18,8 +18,10 @@ import structlog
 from litestar import Request
 from PIL import Image
 
+from ovis_service.config import Settings
 from ovis_service.errors import DeadlineExceededError, JobCancelledError
 from ovis_service.imaging import ImageFormat, encode_image
+from ovis_service.model_source import public_model_name
 from ovis_service.schemas import GenerationParams
 from ovis_service.worker.pool import InferencePool
 from ovis_service.worker.types import Job, JobOutcome
@@ -51,6 +53,23 @@ class Encoding:
             quality=self.quality,
             levers=self.levers,
         )
+
+
+def encoding_for(
+    worker: InferencePool,
+    settings: Settings,
+    image_format: ImageFormat,
+    quality: int | None = None,
+) -> Encoding:
+    """How this request's images are written: the configured quality unless the request chose
+    one, the public model name and the speed levers the loaded engine reports."""
+    info = worker.snapshot().info
+    return Encoding(
+        image_format=image_format,
+        quality=quality if quality is not None else settings.quality_for(image_format),
+        model_name=public_model_name(settings.model),
+        levers=info.levers if info is not None else {},
+    )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Pieces every API surface uses: the JSON guard, seeds, request log fields, the encoding."""
+"""Pieces every API surface uses: the JSON guard, seeds, request log fields."""
 
 import base64
 import secrets
@@ -19,11 +19,7 @@ from litestar.openapi.spec import (
 
 from ovis_service.config import Settings
 from ovis_service.errors import UnsupportedMediaTypeError
-from ovis_service.generation import Encoding
-from ovis_service.imaging import ImageFormat
-from ovis_service.model_source import public_model_name
 from ovis_service.schemas import MAX_SEED, GenerationParams
-from ovis_service.worker.pool import InferencePool
 
 logger = structlog.get_logger(__name__)
 
@@ -64,23 +60,6 @@ def bind_request_fields(
         fields.update(prompt=params.prompt, negative_prompt=params.negative_prompt)
     structlog.contextvars.bind_contextvars(**fields)
     return fields
-
-
-def encoding_for(
-    worker: InferencePool,
-    settings: Settings,
-    image_format: ImageFormat,
-    quality: int | None = None,
-) -> Encoding:
-    """How this request's images are written: the configured quality unless the request chose
-    one, the public model name and the speed levers the loaded engine reports."""
-    info = worker.snapshot().info
-    return Encoding(
-        image_format=image_format,
-        quality=quality if quality is not None else settings.quality_for(image_format),
-        model_name=public_model_name(settings.model),
-        levers=info.levers if info is not None else {},
-    )
 
 
 _TEXT = Schema(type=OpenAPIType.STRING)

@@ -15,13 +15,12 @@ from ovis_service.api.common import (
     also_answers,
     bind_request_fields,
     draw_seed,
-    encoding_for,
     require_json_body,
 )
 from ovis_service.api.streaming import EventStream, native_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, MalformedHeaderError, NotAcceptableError
-from ovis_service.generation import submit
+from ovis_service.generation import encoding_for, submit
 from ovis_service.imaging import FORMATS, MEDIA_TYPES, ImageFormat
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import (

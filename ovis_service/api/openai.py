@@ -19,7 +19,6 @@ from litestar.params import Body, FromPath
 from ovis_service.api.common import (
     also_answers,
     bind_request_fields,
-    encoding_for,
     require_json_body,
     to_b64,
 )
@@ -35,7 +34,7 @@ from ovis_service.api.openai_translation import translate
 from ovis_service.api.streaming import EventStream, openai_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, NotFoundError
-from ovis_service.generation import submit
+from ovis_service.generation import encoding_for, submit
 from ovis_service.model_source import public_model_name
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import split_validation_error

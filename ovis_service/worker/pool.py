@@ -184,6 +184,16 @@ class InferencePool:
         with self.lock:
             return self._retry_after_locked()
 
+    def idle_threads(self) -> int:
+        """Threads with nothing running and nothing queued for them, while the pool takes work:
+        the places the job runner may fill from the backlog, so that synchronous requests, which
+        go through the queue, never wait behind it."""
+        with self.lock:
+            if self._state_locked() is not WorkerState.READY:
+                return 0
+            running = sum(thread.job is not None for thread in self._threads)
+            return max(0, len(self._threads) - running - self._queued)
+
     # -- used by the inference threads (`JobSource`) --------------------------------------------
 
     def stop_requested(self) -> bool:

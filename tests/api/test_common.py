@@ -17,13 +17,13 @@ from ovis_service.api.common import (
     also_answers,
     bind_request_fields,
     draw_seed,
-    encoding_for,
     require_json_body,
     utf8_scripts,
 )
 from ovis_service.api.errors import handle_exception
 from ovis_service.config import Settings
 from ovis_service.engine import EngineInfo
+from ovis_service.generation import encoding_for
 from ovis_service.imaging import ImageFormat
 from ovis_service.schemas import MAX_SEED, GenerationParams
 from ovis_service.worker.pool import InferencePool
