@@ -4,6 +4,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+import msgspec
 import structlog
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
@@ -13,21 +14,28 @@ from ovis_service.api import ROUTE_HANDLERS, signature_namespace
 from ovis_service.api.dependencies import DEPENDENCIES, Services
 from ovis_service.api.docs import SCHEMA_PATH, docs_router, swagger_ui
 from ovis_service.api.errors import handle_exception
+from ovis_service.api.job_schemas import job_view
 from ovis_service.api.ops import metrics_route
 from ovis_service.api.page import page_router
 from ovis_service.auth import ApiKeyGuard
 from ovis_service.config import Settings, load_settings
 from ovis_service.engine import Engine
+from ovis_service.job_runner import JobRunner
 from ovis_service.logs import configure_logging
 from ovis_service.metrics import ServiceMetrics
 from ovis_service.model_source import preflight
 from ovis_service.request_id import RequestIdMiddleware
 from ovis_service.schemas import DEFAULT_IMAGE_SIZE, GenerationParams
+from ovis_service.store.database import describe, is_postgres, open_database
+from ovis_service.store.job_store import JobStore
+from ovis_service.webhooks import WebhookSender
 from ovis_service.worker.pool import InferencePool
 
 logger = structlog.get_logger(__name__)
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# After the pool has stopped, what the runner still waits for is encoding and storing.
+_RUNNER_STOP_SECONDS = 10.0
 
 
 def _warmup_params(settings: Settings) -> GenerationParams | None:
@@ -56,16 +64,21 @@ def create_app(
     settings: Settings | None = None,
     engine: Engine | None = None,
     engines: Sequence[Engine] | None = None,
+    store: JobStore | None = None,
 ) -> Litestar:
     """Build the service. Works as `uvicorn --factory ovis_service.app:create_app`, reading
     `OVIS_*` from the environment. Tests inject one `engine`, or several `engines` (one
-    inference thread each); without either, the settings say which devices get pipelines."""
+    inference thread each); without either, the settings say which devices get pipelines.
+    The job store is opened here, so an unwritable data directory or an unreachable database
+    stops startup (`SettingsError`) before any model loads."""
     if settings is None:
         settings = load_settings()
         configure_logging(settings.log_level)
     labels: list[str] | None = None
     if engines is None:
         engines, labels = ([engine], None) if engine is not None else _default_engines(settings)
+    if store is None:
+        store = JobStore(open_database(settings), ttl=settings.job_ttl)
     metrics = ServiceMetrics()
     worker = InferencePool(
         engines,
@@ -75,6 +88,14 @@ def create_app(
         observer=metrics,
     )
     metrics.watch(worker.snapshot)
+    metrics.watch_backlog(store.count_queued)
+    runner = JobRunner(
+        store,
+        worker,
+        settings,
+        render=lambda record: msgspec.json.encode(job_view(record, record.base_url)),
+        shared=is_postgres(store.engine),
+    )
 
     @asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
@@ -84,6 +105,7 @@ def create_app(
             queue_size=settings.queue_size,
             offload=settings.offload,
             auth="on" if settings.api_keys else "off",
+            job_store=describe(store.engine),
         )
         if not settings.api_keys and settings.host not in _LOOPBACK_HOSTS:
             # A blank OVIS_API_KEY (a later empty line in .env, say) turns auth off silently.
@@ -94,10 +116,17 @@ def create_app(
             )
         # The model loads on the inference thread; /health answers 503 "loading" meanwhile.
         worker.start()
+        if settings.webhook_secret:
+            runner.webhooks = WebhookSender(settings.webhook_secret, settings.webhook_allowed_hosts)
+        await runner.start()
         try:
             yield
         finally:
+            # Jobs still queued stay in the store for the next start; running ones drain.
+            runner.stop_claiming()
             await asyncio.to_thread(worker.stop, settings.drain_timeout)
+            await runner.stop(timeout=_RUNNER_STOP_SECONDS)
+            store.close()
 
     security_components: Components | None = None
     security: list[dict[str, list[str]]] | None = None
@@ -134,5 +163,7 @@ def create_app(
         ),
         logging_config=None,  # structlog owns logging
     )
-    Services(worker=worker, settings=settings, metrics=metrics).store_in(app.state)
+    Services(
+        worker=worker, settings=settings, metrics=metrics, store=store, runner=runner
+    ).store_in(app.state)
     return app

@@ -1,5 +1,6 @@
 """Optional bearer-token check: on when OVIS_API_KEY holds one or more keys."""
 
+import hashlib
 import hmac
 
 import structlog
@@ -34,3 +35,13 @@ class ApiKeyGuard:
         if not matched:
             logger.warning("auth_failed", reason="invalid API key", path=connection.url.path)
             raise UnauthorizedError("invalid API key")
+
+
+def key_owner(connection: ASGIConnection, keys: tuple[str, ...]) -> str:  # type: ignore[type-arg]
+    """Who owns the jobs a request makes: a digest of its API key (the guard has checked it),
+    never the key itself, so a leaked database names no key. Without keys every caller is one
+    owner, ""."""
+    if not keys:
+        return ""
+    token = connection.headers.get("authorization", "").partition(" ")[2].strip()
+    return hashlib.sha256(token.encode()).hexdigest()

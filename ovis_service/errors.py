@@ -96,6 +96,13 @@ class ShuttingDownError(ServiceError):
     reject_reason = "shutting_down"
 
 
+class StoreUnavailableError(ServiceError):
+    """The job store cannot be written (a full disk, a database that is down)."""
+
+    status_code = 503
+    openai_code = "store_unavailable"
+
+
 class DeadlineExceededError(ServiceError):
     status_code = 504
     openai_code = "timeout"

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_service.errors import RejectReason
 from ovis_service.worker.types import JobOutcome, WorkerSnapshot, WorkerState
@@ -44,6 +45,23 @@ class _WorkerCollector(Collector):
             ("ovis_inference_threads_alive", "Inference threads alive.", snap.threads_alive),
         ):
             yield GaugeMetricFamily(name, text, value=value)
+
+
+class _BacklogCollector(Collector):
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            pending = self._count()
+        except SQLAlchemyError:
+            return  # the store is down: no figure rather than a wrong one or a failed scrape
+        yield GaugeMetricFamily(
+            "ovis_pending_jobs",
+            "Async jobs waiting in the job store; with a shared PostgreSQL store every replica "
+            "reports the same backlog, so aggregate it with max, not sum.",
+            value=pending,
+        )
 
 
 class ServiceMetrics:
@@ -82,6 +100,10 @@ class ServiceMetrics:
     def watch(self, snapshot: Callable[[], WorkerSnapshot]) -> None:
         """Read the gauges from `snapshot` at each scrape."""
         self.registry.register(_WorkerCollector(snapshot))
+
+    def watch_backlog(self, count: Callable[[], int]) -> None:
+        """Read `ovis_pending_jobs` from the job store at each scrape."""
+        self.registry.register(_BacklogCollector(count))
 
     # -- the worker's observer ------------------------------------------------------------------
 

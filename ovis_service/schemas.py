@@ -19,6 +19,18 @@ DEFAULT_CFG_SCALE = 5.0
 NOT_BLANK_PATTERN = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
 
+MAX_WEBHOOK_URL_CHARS = 2048
+WebhookUrl = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=MAX_WEBHOOK_URL_CHARS,
+        description="With `Prefer: respond-async`: an http(s) URL that gets the finished job "
+        "POSTed to it, signed as Standard Webhooks says (see docs/jobs.md).",
+    ),
+]
+
+
 class GenerateRequestBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Checks that `Meta` cannot express; the fields come from `generate_request_type`."""
 
@@ -30,6 +42,7 @@ class GenerateRequestBase(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tr
     width: int | None
     height: int | None
     seed: int | None
+    webhook: str | None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -118,6 +131,7 @@ def generate_request_type(
             | None,
             None,
         ),
+        ("webhook", WebhookUrl | None, None),
     ]
     request_type: type[GenerateRequestBase] = msgspec.defstruct(  # type: ignore[assignment]
         "GenerateRequest",

@@ -4,6 +4,8 @@
 - `openai`        `/v1/images/generations`, `/v1/models`: OpenAI's Images API, with its body
                   schemas in `openai_schemas` and its translation into jobs in `openai_translation`
 - `streaming`     the server-sent events of both
+- `jobs`          `Prefer: respond-async` on either API, `/jobs` and `/images/{token}`; the
+                  job's JSON in `job_schemas`
 - `ops`           `/health` (readiness), `/livez` (liveness) and `/metrics`
 - `page`, `docs`  the playground and the offline API docs
 - `errors`        the one exception handler: native and OpenAI error bodies
@@ -14,6 +16,7 @@ from typing import Any
 
 from litestar.types import ControllerRouterHandler
 
+from ovis_service.api.jobs import ImagesController, JobsController
 from ovis_service.api.native import NativeController
 from ovis_service.api.openai import OpenAIController
 from ovis_service.api.openai_schemas import images_request_type
@@ -21,7 +24,13 @@ from ovis_service.api.ops import OpsController
 from ovis_service.config import Settings
 from ovis_service.schemas import generate_request_type
 
-ROUTE_HANDLERS: list[ControllerRouterHandler] = [NativeController, OpenAIController, OpsController]
+ROUTE_HANDLERS: list[ControllerRouterHandler] = [
+    NativeController,
+    OpenAIController,
+    JobsController,
+    ImagesController,
+    OpsController,
+]
 
 
 def signature_namespace(settings: Settings) -> dict[str, Any]:

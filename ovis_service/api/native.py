@@ -17,11 +17,14 @@ from ovis_service.api.common import (
     draw_seed,
     require_json_body,
 )
+from ovis_service.api.job_schemas import Job
+from ovis_service.api.jobs import accept_job, refuse_webhook_without_job, wants_async
 from ovis_service.api.streaming import EventStream, native_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, MalformedHeaderError, NotAcceptableError
 from ovis_service.generation import encoding_for, submit
 from ovis_service.imaging import FORMATS, MEDIA_TYPES, ImageFormat
+from ovis_service.job_runner import JobRunner
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import (
     ErrorResponse,
@@ -29,6 +32,7 @@ from ovis_service.schemas import (
     decode_generate_request,
     describe_validation_error,
 )
+from ovis_service.store.job_store import JobStore
 from ovis_service.worker.pool import InferencePool
 
 if TYPE_CHECKING:
@@ -51,6 +55,7 @@ _ERROR_RESPONSES = {
         413: "The body is larger than the configured limit.",
         415: "The Content-Type is not application/json.",
         422: "A field breaks a rule; `detail` names the field and the rule.",
+        202: "With `Prefer: respond-async`: the job, to follow at `Location` (docs/jobs.md).",
         503: "Queue full, model loading, GPU out of memory or shutting down; see Retry-After.",
         504: "The request deadline passed.",
     }.items()
@@ -97,19 +102,37 @@ class NativeController(Controller):
                 schema_extra={"additionalProperties": False},
             ),
         ],
+        *,
         request: Request[Any, Any, Any],
         worker: NamedDependency[InferencePool],
         settings: NamedDependency[Settings],
-    ) -> Response[bytes] | EventStream:
-        """Generate one image. The seed used comes back in `X-Seed`."""
+        store: NamedDependency[JobStore],
+        runner: NamedDependency[JobRunner],
+    ) -> Response[bytes] | EventStream | Response[Job]:
+        """Generate one image. The seed used comes back in `X-Seed`. With `Prefer:
+        respond-async` the answer is a job (202), its image in the Accept header's format."""
         # Litestar has already parsed `data`, but leniently ("5" passes as 5); the API promises
         # that a wrong type is refused, so the cached raw body is decoded again, strictly.
         try:
             data = decode_generate_request(await request.body(), type(data))
         except msgspec.ValidationError as exc:
             raise BadRequestError(describe_validation_error(exc)) from None
-        image_format = negotiate(request)
         params = generation_params(data)
+        if wants_async(request):
+            return await accept_job(
+                request,
+                api="native",
+                params=[params],
+                image_format=_job_format(request),
+                quality=None,
+                webhook=data.webhook,
+                store=store,
+                runner=runner,
+                worker=worker,
+                settings=settings,
+            )
+        refuse_webhook_without_job(data.webhook)
+        image_format = negotiate(request)
         request_id = current_request_id()
         fields = bind_request_fields(params, settings, request_id)
         generation = submit(
@@ -139,6 +162,15 @@ class NativeController(Controller):
                 "Vary": "Accept",
             },
         )
+
+
+def _job_format(request: Request[Any, Any, Any]) -> ImageFormat:
+    """A job answers in JSON; an image type in Accept chooses its images' format (PNG if none)."""
+    try:
+        media_type = request.accept.best_match(_OFFERED[: len(FORMATS)], default=None)
+    except (ValueError, OverflowError):
+        media_type = None
+    return _FORMAT_OF_MEDIA_TYPE.get(media_type or "", "png")
 
 
 def generation_params(data: GenerateRequest) -> GenerationParams:

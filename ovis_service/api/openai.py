@@ -22,6 +22,14 @@ from ovis_service.api.common import (
     require_json_body,
     to_b64,
 )
+from ovis_service.api.job_schemas import Job, image_path
+from ovis_service.api.jobs import (
+    accept_job,
+    public_base,
+    refuse_webhook_without_job,
+    store_images,
+    wants_async,
+)
 from ovis_service.api.openai_schemas import (
     ImageData,
     ImagesResponse,
@@ -35,9 +43,11 @@ from ovis_service.api.streaming import EventStream, openai_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, NotFoundError
 from ovis_service.generation import encoding_for, submit
+from ovis_service.job_runner import JobRunner
 from ovis_service.model_source import public_model_name
 from ovis_service.request_id import current_request_id
 from ovis_service.schemas import split_validation_error
+from ovis_service.store.job_store import JobStore
 from ovis_service.worker.pool import InferencePool
 
 if TYPE_CHECKING:
@@ -78,12 +88,16 @@ class OpenAIController(Controller):
     async def generate_images(
         self,
         data: Annotated[ImagesGenerateRequest, Body(media_type=RequestEncodingType.JSON)],
+        *,
         request: Request[Any, Any, Any],
         worker: NamedDependency[InferencePool],
         settings: NamedDependency[Settings],
-    ) -> Response[ImagesResponse] | EventStream:
+        store: NamedDependency[JobStore],
+        runner: NamedDependency[JobRunner],
+    ) -> Response[ImagesResponse] | EventStream | Response[Job]:
         """`client.images.generate(...)` of the `openai` SDK, with `stream=True` too. Extensions:
-        `negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed`."""
+        `negative_prompt`, `num_inference_steps`, `guidance_scale`, `seed`, and `webhook` for a
+        job (`Prefer: respond-async`, answered 202)."""
         try:
             # Strict, like the native API: `"n": "2"` is a wrong type, not a number to guess at.
             data = msgspec.json.decode(await request.body(), type=type(data))
@@ -91,6 +105,26 @@ class OpenAIController(Controller):
             field, rule = split_validation_error(exc)
             raise BadRequestError(f"{field}: {rule}" if field else rule, param=field) from None
         plan = translate(data, settings)
+        if wants_async(request):
+            if plan.stream:
+                raise BadRequestError(
+                    "stream: a job answers at once with 202 and streams at "
+                    "GET /jobs/{id}/events; leave out either `stream` or `Prefer: respond-async`",
+                    param="stream",
+                )
+            return await accept_job(
+                request,
+                api="openai",
+                params=plan.params,
+                image_format=plan.image_format,
+                quality=plan.encode_quality,
+                webhook=data.webhook,
+                store=store,
+                runner=runner,
+                worker=worker,
+                settings=settings,
+            )
+        refuse_webhook_without_job(data.webhook)
         request_id = current_request_id()
         fields = bind_request_fields(
             plan.params[0],
@@ -115,10 +149,24 @@ class OpenAIController(Controller):
                 openai_events(generation, encoding, fields, plan.echo), headers=headers
             )
         images = await generation.encoded(request, encoding, fields)
-        items = [
-            ImageData(b64_json=to_b64(image.data), revised_prompt=None, seed=image.params.seed)
-            for image in images
-        ]
+        if plan.urls:
+            record = await store_images(
+                request, images, plan.image_format, store=store, settings=settings
+            )
+            base = public_base(request, settings)
+            items = [
+                ImageData(
+                    url=base + image_path(stored.token, stored.image_format),
+                    revised_prompt=None,
+                    seed=stored.seed,
+                )
+                for stored in record.images
+            ]
+        else:
+            items = [
+                ImageData(b64_json=to_b64(image.data), revised_prompt=None, seed=image.params.seed)
+                for image in images
+            ]
         body = ImagesResponse(created=int(time.time()), data=items, usage=Usage(), **plan.echo)
         return Response(body, headers=headers)
 

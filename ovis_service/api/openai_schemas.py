@@ -18,6 +18,7 @@ from ovis_service.schemas import (
     MAX_SEED,
     MIN_IMAGE_SIZE,
     NOT_BLANK_PATTERN,
+    WebhookUrl,
 )
 
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -46,6 +47,7 @@ class ImagesRequestBase(msgspec.Struct, kw_only=True):
     num_inference_steps: int | None
     guidance_scale: float | None
     seed: int | None
+    webhook: str | None
 
 
 RESPONSE_FORMATS = ("b64_json", "url")
@@ -59,7 +61,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 # Known values the service refuses with an explanation of its own (see the handler).
-REFUSED = {"response_format": "url", "background": "transparent"}
+REFUSED = {"background": "transparent"}
 
 
 def _choice(values: tuple[str, ...]) -> Any:
@@ -166,6 +168,7 @@ def images_request_type(
             | None,
             None,
         ),
+        ("webhook", WebhookUrl | None, None),
     ]
     request_type: type[ImagesRequestBase] = msgspec.defstruct(  # type: ignore[assignment]
         "ImagesGenerateRequest", fields, bases=(ImagesRequestBase,), kw_only=True
@@ -192,10 +195,12 @@ def parse_size(size: str | None, default: int, max_image_size: int) -> tuple[int
     return width, height
 
 
-class ImageData(msgspec.Struct, kw_only=True):
-    b64_json: str
+class ImageData(msgspec.Struct, kw_only=True, omit_defaults=True):
     revised_prompt: str | None
     seed: int
+    # One of the two, as `response_format` asked.
+    b64_json: str | None = None
+    url: str | None = None  # a capability URL, valid until OVIS_JOB_TTL has passed
 
 
 class Usage(msgspec.Struct, kw_only=True):

@@ -28,6 +28,7 @@ class ImagesPlan:
     image_format: ImageFormat
     encode_quality: int | None  # `output_compression`; None means the configured one
     stream: bool
+    urls: bool  # `response_format: "url"`: images are stored and answered by URL
     preview_steps: frozenset[int]  # steps after which a streamed request gets a partial image
     # The response fields every answer repeats: output_format, size, quality, background.
     echo: dict[str, str]
@@ -66,6 +67,7 @@ def translate(
         image_format=image_format,
         encode_quality=data.output_compression,
         stream=stream,
+        urls=data.response_format == "url",
         preview_steps=preview_steps(data.partial_images or 0, steps) if stream else frozenset(),
         echo={
             "output_format": image_format,
@@ -96,10 +98,10 @@ def _refuse_what_is_not_served(data: ImagesRequestBase) -> None:
         raise BadRequestError(
             "prompt must contain at least one non-whitespace character", param="prompt"
         )
-    if data.response_format == "url":
+    if data.response_format == "url" and data.stream:
         raise BadRequestError(
-            'response_format "url" is not served: this service keeps no image store; '
-            'use "b64_json" (the default)',
+            'response_format "url" cannot be streamed: a stream carries the images themselves; '
+            'leave out "stream", or ask for "b64_json"',
             param="response_format",
         )
     if data.background == "transparent":

@@ -165,7 +165,7 @@ def test_the_requests_open_webui_sends_work(tiny_service: ServiceProcess) -> Non
         ({"size": "big"}, "size", "WIDTHxHEIGHT"),
         ({"n": 0}, "n", ">= 1"),
         ({"n": 5}, "n", "<= 4"),
-        ({"response_format": "url"}, "response_format", "b64_json"),
+        ({"response_format": "url", "stream": True}, "response_format", "cannot be streamed"),
         ({"background": "transparent"}, "background", "opaque"),
         ({"output_format": "gif"}, "output_format", "png"),
         ({"output_compression": 101}, "output_compression", "<= 100"),

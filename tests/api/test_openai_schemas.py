@@ -181,6 +181,6 @@ def test_the_openapi_schema_limits_the_prompt_and_offers_only_what_is_served(
 ) -> None:
     prompt = schema_properties["prompt"]
     assert (prompt["minLength"], prompt["maxLength"]) == (1, 100)
-    # `url` and a transparent background are known but refused, so the schema does not offer them.
-    assert schema_properties["response_format"]["enum"] == ["b64_json", None]
+    # A transparent background is known but refused, so the schema does not offer it.
+    assert schema_properties["response_format"]["enum"] == ["b64_json", "url", None]
     assert schema_properties["background"]["enum"] == ["auto", "opaque", None]

@@ -82,7 +82,7 @@ def test_partial_images_spread_over_the_run_only_when_streaming() -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"response_format": "url"}, "response_format"),
+        ({"response_format": "url", "stream": True}, "response_format"),
         ({"background": "transparent"}, "background"),
         ({"prompt": "   "}, "prompt"),
         ({"size": "100x100"}, "size"),
