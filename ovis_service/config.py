@@ -18,6 +18,9 @@ DEFAULT_MODEL = "AIDC-AI/Ovis-Image-7B"
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 DEVICES_PATTERN = r"^(auto|(cpu|cuda(:\d+)?)(,(cpu|cuda(:\d+)?))*)$"
+# An amount with a unit (1024-based GiB/MiB, 1000-based GB/MB, any case) or a fraction in (0, 1];
+# the lookahead refuses zero.
+GPU_MEMORY_PATTERN = r"^((?=[^1-9]*[1-9])(?i:\d+(\.\d+)? ?(gib|gb|mib|mb)|0?\.\d+|1(\.0+)?))?$"
 DATABASE_URL_PATTERN = r"^((postgres|postgresql)(\+psycopg)?://\S+)?$"
 # Settings whose values are never repeated in an error message.
 SECRET_FIELDS = frozenset({"api_keys", "webhook_secret", "database_url"})
@@ -35,12 +38,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     device: Annotated[str, msgspec.Meta(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
     devices: Annotated[str, msgspec.Meta(pattern=DEVICES_PATTERN)] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    offload: Literal["auto", "none", "model", "sequential"] = "auto"
+    # Memory plans, fastest first (ovis_service/pipeline/memory.py); `auto` picks the fastest that
+    # fits `gpu_memory`.
+    offload: Literal["auto", "none", "encoder", "group", "model", "sequential"] = "auto"
+    # The most each GPU may use: `12GiB`, `12GB`, `12000MiB` or a fraction such as `0.5`; empty
+    # means what is free at startup.
+    gpu_memory: Annotated[str, msgspec.Meta(pattern=GPU_MEMORY_PATTERN)] = ""
     warmup: bool = True
 
     # Speed levers (ovis_service/pipeline/levers.py; measured in docs/performance.md).
     cfg_batch: bool = True
-    compile: Literal["none", "regional"] = "none"
+    # `auto`: regional on CUDA when the transformer stays on the GPU, else none.
+    compile: Literal["auto", "none", "regional"] = "auto"
     compile_cache_dir: str = ""
     attention: Literal[
         "auto",
@@ -114,10 +123,27 @@ _BOOL_SPELLINGS = {
 _PATTERN_HINTS = {
     "device": "one of auto, cpu, cuda or cuda:N",
     "devices": "auto, or a comma list of cpu, cuda and cuda:N (e.g. cuda:0,cuda:1)",
+    "gpu_memory": "an amount such as 12GiB, 12GB or 12000MiB, or a fraction of each GPU such "
+    "as 0.5 (more than 0, at most 1)",
     "database_url": "a PostgreSQL URL such as postgresql://user:password@host:5432/ovis",
     "public_url": "the service's address as clients reach it, e.g. https://images.example.com",
     "webhook_secret": "whsec_ followed by the base64 of at least 12 random bytes",
 }
+
+
+_MEMORY_UNITS = {"gib": 2**30, "mib": 2**20, "gb": 10**9, "mb": 10**6}
+
+
+def parse_gpu_memory(text: str) -> tuple[int | None, float | None]:
+    """`OVIS_GPU_MEMORY` as (bytes, fraction), one of them set; (None, None) when empty. The
+    text has already passed `GPU_MEMORY_PATTERN`."""
+    text = text.strip().lower()
+    if not text:
+        return None, None
+    for unit, size in _MEMORY_UNITS.items():
+        if text.endswith(unit):
+            return int(float(text.removesuffix(unit).strip()) * size), None
+    return None, float(text)
 
 
 def env_name(field: str) -> str:

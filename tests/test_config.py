@@ -1,6 +1,12 @@
 import pytest
 
-from ovis_service.config import DEFAULT_MODEL, Settings, SettingsError, load_settings
+from ovis_service.config import (
+    DEFAULT_MODEL,
+    Settings,
+    SettingsError,
+    load_settings,
+    parse_gpu_memory,
+)
 
 
 def test_defaults_match_the_documented_product() -> None:
@@ -65,7 +71,7 @@ def test_a_bad_value_names_the_variable(environ: dict[str, str], message: str) -
     [
         ({"OVIS_WARMUP": "maybe"}, "accepted (any case): true, false, 1, 0, yes, no, on, off"),
         ({"OVIS_LOG_LEVEL": "TRACE"}, "expected one of: DEBUG, INFO, WARNING, ERROR"),
-        ({"OVIS_OFFLOAD": "gpu"}, "expected one of: auto, none, model, sequential"),
+        ({"OVIS_OFFLOAD": "gpu"}, "expected one of: auto, none, encoder, group, model, sequential"),
         ({"OVIS_DTYPE": "fp8"}, "expected one of: auto, bfloat16, float16, float32"),
         ({"OVIS_DEVICE": "tpu"}, "expected one of auto, cpu, cuda or cuda:N"),
         ({"OVIS_QEUE_SIZE": "4"}, "; did you mean OVIS_QUEUE_SIZE?"),
@@ -113,3 +119,58 @@ def test_an_api_key_of_only_commas_is_refused_not_read_as_no_auth(raw: str) -> N
 def test_a_lower_case_name_in_the_env_file_is_refused_with_the_right_spelling() -> None:
     with pytest.raises(SettingsError, match="did you mean OVIS_QUEUE_SIZE"):
         load_settings({"ovis_queue_size": "3"}, origins={"ovis_queue_size": "/srv/app/.env"})
+
+
+# -- memory and compile settings ----------------------------------------------------------------
+
+
+def test_compile_is_auto_and_memory_planned_by_default() -> None:
+    settings = load_settings({})
+    assert (settings.compile, settings.offload, settings.gpu_memory) == ("auto", "auto", "")
+    assert parse_gpu_memory(settings.gpu_memory) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("raw", "parsed"),
+    [
+        ("12GiB", (12 * 2**30, None)),
+        ("12gib", (12 * 2**30, None)),
+        ("12 GiB", (12 * 2**30, None)),
+        ("12GB", (12 * 10**9, None)),
+        ("12000MiB", (12000 * 2**20, None)),
+        ("1500MB", (1500 * 10**6, None)),
+        ("7.5GiB", (int(7.5 * 2**30), None)),
+        ("0.5", (None, 0.5)),
+        (".25", (None, 0.25)),
+        ("1", (None, 1.0)),
+    ],
+)
+def test_gpu_memory_takes_an_amount_or_a_fraction(
+    raw: str, parsed: tuple[int | None, float | None]
+) -> None:
+    settings = load_settings({"OVIS_GPU_MEMORY": raw})
+    assert parse_gpu_memory(settings.gpu_memory) == parsed
+
+
+@pytest.mark.parametrize("raw", ["12", "0", "0GiB", "0.0", "1.5", "2", "12TB", "-1GiB", "half"])
+def test_a_bad_gpu_memory_stops_startup_naming_the_setting_and_the_forms(raw: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        load_settings({"OVIS_GPU_MEMORY": raw})
+    message = str(error.value)
+    assert message.startswith("OVIS_GPU_MEMORY: ")
+    assert f"got {raw!r}" in message
+    assert message.endswith(
+        "expected an amount such as 12GiB, 12GB or 12000MiB, or a fraction of each GPU such as "
+        "0.5 (more than 0, at most 1)"
+    )
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("value", ["auto", "none", "regional"])
+def test_compile_takes_auto_none_or_regional(value: str) -> None:
+    assert load_settings({"OVIS_COMPILE": value}).compile == value
+
+
+@pytest.mark.parametrize("value", ["auto", "none", "encoder", "group", "model", "sequential"])
+def test_offload_takes_each_plan(value: str) -> None:
+    assert load_settings({"OVIS_OFFLOAD": value}).offload == value

@@ -7,6 +7,7 @@ import structlog
 import torch
 
 from ovis_service.config import Settings, SettingsError
+from ovis_service.pipeline.budget import device_budget
 from ovis_service.pipeline.memory import (
     WeightsSize,
     activation_headroom,
@@ -97,10 +98,10 @@ def plan_threads(
     free_bytes: Callable[[torch.device], int] | None = None,
 ) -> list[torch.device]:
     """The device of each inference thread: `OVIS_WORKERS` per listed device. Refuses to start
-    when the copies on one CUDA device do not fit its free memory (the CPU's RAM is shared with
-    everything else on the machine, so it has no such budget). Tests pass fake counts and
-    figures for the two callables."""
-    free_bytes = free_bytes or _free_cuda_bytes
+    when the copies on one CUDA device do not fit its budget (`OVIS_GPU_MEMORY`, or what is
+    free; the CPU's RAM is shared with everything else on the machine, so it has no such
+    budget). Tests pass fake counts and figures for the two callables."""
+    free_bytes = free_bytes or (lambda device: device_budget(settings.gpu_memory, device).bytes)
     devices = resolve_devices(settings, cuda_count)
     copies = Counter(devices)
     for device, count in copies.items():
@@ -130,6 +131,18 @@ def plan_threads(
     return [device for device in devices for _ in range(settings.workers)]
 
 
+def copies_on(
+    settings: Settings,
+    device: torch.device,
+    cuda_count: Callable[[], int] = visible_cuda_devices,
+) -> int:
+    """How many pipelines this process runs on `device`: they share its memory budget."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    listed = Counter(resolve_devices(settings, cuda_count))
+    return max(1, listed[device] * settings.workers)
+
+
 def _weights(model: str, itemsize: int) -> WeightsSize | None:
     if model == TINY_MODEL_ID:
         pipe = build_tiny_pipeline()
@@ -138,10 +151,6 @@ def _weights(model: str, itemsize: int) -> WeightsSize | None:
             for part in pipe.components.values()
             if isinstance(part, torch.nn.Module)
         ]
-        return WeightsSize(sum(counts) * itemsize, max(counts) * itemsize)
+        text_encoder = sum(p.numel() for p in pipe.text_encoder.parameters())
+        return WeightsSize(sum(counts) * itemsize, max(counts) * itemsize, text_encoder * itemsize)
     return estimate_weights(model, itemsize)
-
-
-def _free_cuda_bytes(device: torch.device) -> int:
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free)

@@ -15,10 +15,10 @@ from ovis_service.engine import EngineInfo, GenerationResult, StepHooks
 from ovis_service.pipeline import levers as levers_module
 from ovis_service.pipeline.device import describe_device, resolve_device, resolve_dtype
 from ovis_service.pipeline.levers import Levers
-from ovis_service.pipeline.loading import explained_failures, load_pretrained
+from ovis_service.pipeline.loading import load_pretrained
 from ovis_service.pipeline.loop import MAX_SEQUENCE_LENGTH
 from ovis_service.pipeline.loop import generate as run_loop
-from ovis_service.pipeline.memory import Placement, place, plan_placement
+from ovis_service.pipeline.prepare import prepare
 from ovis_service.pipeline.tiny import TINY_MODEL_ID, build_tiny_pipeline
 from ovis_service.schemas import DEFAULT_CFG_SCALE, GenerationParams
 
@@ -68,8 +68,8 @@ class DiffusersEngine:
             # Loads to the CPU first: the memory mode decides how the weights reach the GPU.
             pipe = load_pretrained(self.model_id, self._dtype)
         pipe.set_progress_bar_config(disable=True)
-        offload = self._place(pipe)
-        levers_module.apply(pipe, self._levers)
+        prepared = prepare(pipe, self._settings, self._device)
+        self._levers = prepared.levers
         self._pipe = pipe
         if self._levers.compile != "none":
             with _COMPILE_LOCK:
@@ -79,7 +79,7 @@ class DiffusersEngine:
             model=self.model_id,
             device=describe_device(self._device),
             dtype=str(self._dtype).removeprefix("torch."),
-            offload=offload,
+            offload=prepared.placement.describe(),
             levers=self._levers.describe(),
         )
 
@@ -101,46 +101,6 @@ class DiffusersEngine:
             seconds=round(time.perf_counter() - started, 3),
             graphs=self._graphs_after_warmup,
         )
-
-    def _place(self, pipe: OvisImagePipeline) -> str:
-        placement = plan_placement(
-            pipe,
-            self._settings.offload,
-            self._device,
-            max_image_size=self._settings.max_image_size,
-        )
-        self._log_memory_mode(placement)
-        # Moving the weights is where a GPU that is too small runs out of memory.
-        with explained_failures(self.model_id):
-            place(pipe, placement.offload, self._device)
-        return placement.offload
-
-    def _log_memory_mode(self, placement: Placement) -> None:
-        weights_bytes = placement.weights.total_bytes
-        if self._device.type == "cuda":
-            logger.info(
-                "memory_mode_chosen",
-                requested=self._settings.offload,
-                chosen=placement.offload,
-                free_vram_gib=round(placement.free_bytes / 2**30, 2),
-                weights_gib=round(weights_bytes / 2**30, 3),
-            )
-        else:
-            if self._settings.offload in ("model", "sequential"):
-                logger.warning(
-                    "gpu_only_setting_ignored",
-                    setting="OVIS_OFFLOAD",
-                    value=self._settings.offload,
-                    reason="there is no GPU: offload moves weights between CPU and GPU memory",
-                )
-            logger.info(
-                "memory_mode_chosen",
-                requested=self._settings.offload,
-                chosen=placement.offload,
-                device="cpu",
-                note="no GPU: every weight stays in CPU memory, so there is nothing to offload",
-                weights_mib=round(weights_bytes / 2**20, 1),  # the tiny model's round to 0 GiB
-            )
 
     def generate(self, params: GenerationParams, hooks: StepHooks) -> GenerationResult:
         pipe = self._require_pipe()

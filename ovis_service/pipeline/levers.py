@@ -27,6 +27,8 @@ from diffusers.models.transformers.transformer_ovis_image import (
 )
 
 from ovis_service.config import Settings, SettingsError
+from ovis_service.pipeline.memory import Plan
+from ovis_service.pipeline.offload import is_streamed
 
 # Our names for diffusers' backends; `auto` keeps diffusers' default (PyTorch SDPA, which picks
 # flash, cuDNN or memory-efficient kernels by itself). Hub backends download kernels at run
@@ -87,7 +89,7 @@ def check(levers: Levers, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse, with a message naming the setting, a lever that cannot run on this machine."""
     if levers.quantize == "fp8":
         _check_fp8(device)
-    if levers.compile != "none" and levers.step_cache == "first_block":
+    if levers.compile == "regional" and levers.step_cache == "first_block":
         # The cache decides per step, from a tensor value, whether to run the remaining blocks:
         # a data-dependent branch that a full-graph compile of those blocks cannot hold.
         raise SettingsError(
@@ -97,6 +99,55 @@ def check(levers: Levers, device: torch.device, dtype: torch.dtype) -> None:
     backend = ATTENTION_BACKENDS[levers.attention]
     if backend is not None:
         _check_attention(levers.attention, AttentionBackendName(backend), device, dtype)
+
+
+def resolve_compile(
+    levers: Levers, device: torch.device, plan: Plan, blocks: int
+) -> tuple[str, str]:
+    """`OVIS_COMPILE` once the memory plan is known: (none or regional, why). `auto` compiles
+    where it was measured to pay and the transformer stays on the GPU; an explicit `regional`
+    that cannot work with the plan stops startup. `blocks` counts the transformer's blocks."""
+    if levers.compile == "none":
+        return "none", "OVIS_COMPILE=none"
+    if levers.compile == "regional":
+        _check_regional(plan)
+        return "regional", "OVIS_COMPILE=regional"
+    refusal = _auto_refusal(levers, device, plan)
+    if refusal:
+        return "none", f"auto: {refusal}"
+    if plan.offload == "group":
+        return "regional", f"auto: the {plan.resident_blocks}/{blocks} resident blocks"
+    return "regional", f"auto: CUDA, transformer resident (OVIS_OFFLOAD={plan.offload})"
+
+
+def _check_regional(plan: Plan) -> None:
+    if plan.offload == "sequential":
+        # accelerate's hooks move each layer's weights inside the blocks, which a full-graph
+        # compile of those blocks cannot trace.
+        raise SettingsError(
+            "OVIS_COMPILE=regional cannot be combined with OVIS_OFFLOAD=sequential (its hooks "
+            "run inside the compiled blocks); set OVIS_COMPILE=none or OVIS_COMPILE=auto, or "
+            "raise OVIS_GPU_MEMORY so that another plan fits"
+        )
+    if plan.offload == "group" and plan.resident_blocks == 0:
+        raise SettingsError(
+            "OVIS_COMPILE=regional with OVIS_OFFLOAD=group compiles the transformer blocks that "
+            "stay on the GPU, and this budget keeps none there; set OVIS_COMPILE=auto or none, "
+            "or raise OVIS_GPU_MEMORY"
+        )
+
+
+def _auto_refusal(levers: Levers, device: torch.device, plan: Plan) -> str:
+    """Why `auto` leaves compile off here, or "" when it compiles."""
+    if device.type != "cuda":
+        return "no GPU (on the CPU a compile costs more start-up than it saves)"
+    if levers.step_cache == "first_block":
+        return "OVIS_STEP_CACHE=first_block cannot run compiled"
+    if plan.offload in ("model", "sequential"):
+        return f"untested with OVIS_OFFLOAD={plan.offload}, whose hooks move the transformer"
+    if plan.offload == "group" and plan.resident_blocks == 0:
+        return "every transformer block streams, none stays on the GPU to compile"
+    return ""
 
 
 def _check_fp8(device: torch.device) -> None:
@@ -158,8 +209,20 @@ def apply(pipe: OvisImagePipeline, levers: Levers) -> None:
         if levers.compile_cache_dir:
             # inductor reads this when it first writes a kernel, so setting it here is in time.
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = levers.compile_cache_dir
+        compile_blocks(transformer)
+
+
+def compile_blocks(transformer: OvisImageTransformer2DModel) -> int:
+    """Regional compile: each repeated block on its own, except blocks streamed by a memory
+    plan (their hooks move weights, which a full-graph compile cannot hold). Returns how many
+    blocks were compiled."""
+    repeated = set(transformer._repeated_blocks)
+    blocks = [m for m in transformer.modules() if m.__class__.__name__ in repeated]
+    kept = [block for block in blocks if not is_streamed(block)]
+    for block in kept:
         # Dynamic shapes: one graph serves every image size instead of one compile per size.
-        transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+        block.compile(fullgraph=True, dynamic=True)
+    return len(kept)
 
 
 def quantize_fp8(transformer: OvisImageTransformer2DModel) -> None:

@@ -1,6 +1,6 @@
-"""Memory arithmetic: the memory mode from the VRAM we measure, and whether several copies of
-the model fit one device. Pure functions, so tests feed them fake figures; `plan_placement` and
-`place` apply them to a pipeline, for the engine and the speed benchmark alike."""
+"""Memory arithmetic: which memory plan (`OVIS_OFFLOAD`) fits the VRAM budget, and whether
+several copies of the model fit one device. Pure functions, so tests feed them fake sizes;
+`plan_placement` measures a pipeline for them, and `offload.place` applies the plan."""
 
 import json
 import math
@@ -15,53 +15,153 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from ovis_service.config import SettingsError
 
-OffloadMode = Literal["none", "model", "sequential"]
+OffloadMode = Literal["none", "encoder", "group", "model", "sequential"]
+# Fastest first: `auto` takes the first that fits. `model` moves the whole transformer once per
+# request, `group` streams part of it once per step, `sequential` every layer once per step.
+PLANS: tuple[OffloadMode, ...] = ("none", "encoder", "model", "group", "sequential")
+# Blocks a streamed transformer holds at once: the one computing, the one being copied in, and
+# one whose memory waits for the compute stream to finish with it before it is reused.
+STREAM_DEPTH = 3
 GIB = 1024**3
 
 
 def activation_headroom(max_image_size: int) -> int:
     """Room for activations and the VAE decode, which grow with the pixel count.
 
-    An estimate, not a measurement: 3.5 GiB at 1024x1024 and 8 GiB at 2048x2048, where the VAE
+    An estimate with margin: 3.5 GiB at 1024x1024 (measured on an H200: resident peak 19.5 GiB
+    for 18.3 GB of weights, sequential offload 2.4 GiB) and 8 GiB at 2048x2048, where the VAE
     decode of the full-resolution image dominates.
     """
     area_ratio = (max_image_size / 1024) ** 2
     return int(2 * GIB + 1.5 * GIB * area_ratio)
 
 
-def choose_offload(
+class ComponentSizes(NamedTuple):
+    """Bytes of each component's weights in the dtype they run in."""
+
+    transformer: int
+    text_encoder: int
+    vae: int
+    # The transformer's blocks in the order they run; part of `transformer`. Empty when unknown
+    # (before the weights are loaded), which leaves `group` out of the choice.
+    blocks: tuple[int, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.transformer + self.text_encoder + self.vae
+
+
+class Plan(NamedTuple):
+    offload: OffloadMode
+    resident_blocks: int  # `group`: the leading transformer blocks that stay on the device
+    needs_bytes: int  # the peak the plan is sized for, headroom included
+    reason: str
+
+
+def needs(plan: OffloadMode, sizes: ComponentSizes, headroom: int, resident_blocks: int = 0) -> int:
+    """The peak VRAM of one copy in `plan`, with room for the largest allowed image."""
+    if plan == "none":
+        return sizes.total + headroom
+    if plan == "encoder":
+        # The text encoder comes in to encode and leaves before the first transformer forward.
+        return sizes.transformer + sizes.vae + max(headroom, sizes.text_encoder)
+    if plan == "model":
+        return max(sizes.transformer, sizes.text_encoder, sizes.vae) + headroom
+    if plan == "group":
+        kept, streamed = sizes.blocks[:resident_blocks], sizes.blocks[resident_blocks:]
+        outside_blocks = sizes.transformer - sum(sizes.blocks)
+        working = STREAM_DEPTH * max(streamed, default=0)
+        return outside_blocks + sum(kept) + working + sizes.vae + max(headroom, sizes.text_encoder)
+    return headroom  # sequential: one layer at a time
+
+
+def choose_plan(
     requested: str,
+    sizes: ComponentSizes,
     *,
     on_cuda: bool,
-    free_bytes: int,
-    weights_bytes: int,
-    largest_component_bytes: int,
+    budget_bytes: int,
     headroom_bytes: int,
-) -> OffloadMode:
-    """`auto` keeps everything on the GPU when it fits, else one component at a time
-    (model offload), else layer by layer (sequential offload: slow but fits ~4 GB cards)."""
+    streamable: bool = True,
+) -> Plan | None:
+    """The memory plan: the one asked for, or for `auto` the fastest that fits the budget; None
+    when `auto` finds none. `group` keeps as many leading blocks resident as the budget allows.
+    `streamable=False` leaves `group` out (fp8 weights cannot be streamed)."""
     if not on_cuda:
-        return "none"  # offloading to the CPU from the CPU saves nothing
-    if requested in ("none", "model", "sequential"):
-        return requested  # type: ignore[return-value]
-    if free_bytes >= weights_bytes + headroom_bytes:
-        return "none"
-    if free_bytes >= largest_component_bytes + headroom_bytes:
-        return "model"
-    return "sequential"
+        return Plan("none", len(sizes.blocks), sizes.total, "no GPU: nothing to offload")
+    if requested != "auto":
+        plan: OffloadMode = requested  # type: ignore[assignment]
+        kept = _resident_blocks(sizes, budget_bytes, headroom_bytes) if plan == "group" else 0
+        return Plan(plan, kept, needs(plan, sizes, headroom_bytes, kept), "asked for")
+    for plan in PLANS:
+        if plan == "group":
+            if not streamable or not sizes.blocks:
+                continue
+            kept = _resident_blocks(sizes, budget_bytes, headroom_bytes)
+        else:
+            kept = 0
+        need = needs(plan, sizes, headroom_bytes, kept)
+        if need <= budget_bytes:
+            faster = [p for p in PLANS[: PLANS.index(plan)] if p != "group" or sizes.blocks]
+            why = f"needs {need / GIB:.1f} GiB of {budget_bytes / GIB:.1f} GiB"
+            if faster:
+                why += f"; {', '.join(faster)} would not fit"
+            return Plan(plan, kept, need, why)
+    return None
+
+
+def _resident_blocks(sizes: ComponentSizes, budget_bytes: int, headroom_bytes: int) -> int:
+    """The most leading blocks `group` can keep resident, at least one block streamed."""
+    kept = 0
+    for count in range(1, len(sizes.blocks)):
+        if needs("group", sizes, headroom_bytes, count) > budget_bytes:
+            break
+        kept = count
+    return kept
 
 
 class WeightsSize(NamedTuple):
     total_bytes: int
     largest_component_bytes: int
+    text_encoder_bytes: int = 0  # what `encoder` takes off the device; 0 when unknown
 
 
 class Placement(NamedTuple):
-    """The memory mode chosen for a pipeline, and the figures it was chosen from."""
+    """The memory plan chosen for a pipeline, and the figures it was chosen from."""
 
-    offload: OffloadMode
-    free_bytes: int  # free on the device before the weights move; 0 on the CPU
-    weights: WeightsSize
+    plan: Plan
+    budget_bytes: int  # this copy's share of the device's budget; 0 on the CPU
+    sizes: ComponentSizes
+
+    @property
+    def offload(self) -> OffloadMode:
+        return self.plan.offload
+
+    def describe(self) -> str:
+        """The plan for /health and the logs; `group` says how many blocks stay resident."""
+        if self.plan.offload == "group":
+            return f"group({self.plan.resident_blocks}/{len(self.sizes.blocks)} resident)"
+        return self.plan.offload
+
+    @property
+    def weights(self) -> WeightsSize:
+        parts = (self.sizes.transformer, self.sizes.text_encoder, self.sizes.vae)
+        return WeightsSize(sum(parts), max(parts), self.sizes.text_encoder)
+
+
+def transformer_blocks(pipe: OvisImagePipeline) -> list[torch.nn.Module]:
+    """The transformer's blocks in the order its forward runs them."""
+    transformer = pipe.transformer
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def component_sizes(pipe: OvisImagePipeline) -> ComponentSizes:
+    return ComponentSizes(
+        transformer=_module_bytes(pipe.transformer),
+        text_encoder=_module_bytes(pipe.text_encoder),
+        vae=_module_bytes(pipe.vae),
+        blocks=tuple(_module_bytes(block) for block in transformer_blocks(pipe)),
+    )
 
 
 def pipeline_weights(pipe: OvisImagePipeline) -> WeightsSize:
@@ -72,44 +172,52 @@ def pipeline_weights(pipe: OvisImagePipeline) -> WeightsSize:
 def _module_bytes(component: object) -> int:
     if not isinstance(component, torch.nn.Module):
         return 0  # tokenizer, scheduler
-    return sum(p.numel() * p.element_size() for p in component.parameters())
+    tensors = [*component.parameters(), *component.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def plan_placement(
-    pipe: OvisImagePipeline, requested: str, device: torch.device, *, max_image_size: int
+    pipe: OvisImagePipeline,
+    requested: str,
+    device: torch.device,
+    *,
+    budget_bytes: int,
+    max_image_size: int,
+    streamable: bool = True,
 ) -> Placement:
-    """The memory mode for `pipe` on `device`, from the VRAM free there now."""
+    """The memory plan for `pipe` on `device` within `budget_bytes` (this copy's share). A
+    budget too small for any plan stops startup, naming the setting that sets it."""
     on_cuda = device.type == "cuda"
-    weights = pipeline_weights(pipe)
-    free_bytes = torch.cuda.mem_get_info(device)[0] if on_cuda else 0
-    offload = choose_offload(
+    sizes = component_sizes(pipe)
+    headroom = activation_headroom(max_image_size)
+    plan = choose_plan(
         requested,
+        sizes,
         on_cuda=on_cuda,
-        free_bytes=free_bytes,
-        weights_bytes=weights.total_bytes,
-        largest_component_bytes=weights.largest_component_bytes,
-        headroom_bytes=activation_headroom(max_image_size),
+        budget_bytes=budget_bytes,
+        headroom_bytes=headroom,
+        streamable=streamable,
     )
-    return Placement(offload=offload, free_bytes=free_bytes, weights=weights)
-
-
-def place(pipe: OvisImagePipeline, offload: OffloadMode, device: torch.device) -> None:
-    """Move the weights as the memory mode says. Both offload modes first gather the weights in
-    CPU memory (diffusers does that), so the pipeline may start on the CPU or on the device."""
-    if offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
+    if plan is None:
+        least = needs("sequential", sizes, headroom)
+        raise SettingsError(
+            f"OVIS_GPU_MEMORY leaves {budget_bytes / GIB:.1f} GiB for each copy of the model on "
+            f"{device}, and even OVIS_OFFLOAD=sequential needs about {least / GIB:.1f} GiB with "
+            f"OVIS_MAX_IMAGE_SIZE={max_image_size}; raise OVIS_GPU_MEMORY (or free the GPU), "
+            "lower OVIS_MAX_IMAGE_SIZE, or run fewer copies on this device (OVIS_WORKERS)"
+        )
+    return Placement(plan=plan, budget_bytes=budget_bytes if on_cuda else 0, sizes=sizes)
 
 
 def resident_bytes(offload: str, weights: WeightsSize) -> int:
-    """What one copy keeps on the device in a memory mode (`auto` counts as fully resident:
-    several copies on one device only pay off when none of them shuttles weights over PCIe)."""
+    """What one copy keeps on the device between requests in a memory plan. `auto` counts as
+    fully resident: several copies on one device only pay off when none of them moves weights
+    over PCIe. `group` counts its least (its share of the budget decides how much stays)."""
+    if offload == "encoder":
+        return weights.total_bytes - weights.text_encoder_bytes
     if offload == "model":
         return weights.largest_component_bytes
-    if offload == "sequential":
+    if offload in ("group", "sequential"):
         return 0
     return weights.total_bytes
 
@@ -126,8 +234,8 @@ def check_fit(
     devices: str,
 ) -> None:
     """Refuse to start `copies` pipelines on one device when their weights plus activation
-    headroom do not fit in its free memory. One copy always starts: the memory mode (offload)
-    is how a single copy fits a small device."""
+    headroom do not fit its budget (`free_bytes`: `OVIS_GPU_MEMORY`, or what is free). One copy
+    always starts: the memory plan (offload) is how a single copy fits a small device."""
     if copies <= 1:
         return
     each = resident_bytes(offload, weights) + headroom_bytes
@@ -139,7 +247,8 @@ def check_fit(
         f"about {each / GIB:.1f} GiB ({resident_bytes(offload, weights) / GIB:.1f} GiB of weights "
         f"with OVIS_OFFLOAD={offload} plus {headroom_bytes / GIB:.1f} GiB of activation headroom "
         f"for OVIS_MAX_IMAGE_SIZE), {copies * each / GIB:.1f} GiB in all, but {device} has "
-        f"{free_bytes / GIB:.1f} GiB free. Lower OVIS_WORKERS, list {device} fewer times in "
+        f"{free_bytes / GIB:.1f} GiB to give (OVIS_GPU_MEMORY, or what is free when it is "
+        "unset). Lower OVIS_WORKERS, list {device} fewer times in "
         "OVIS_DEVICES, or lower OVIS_MAX_IMAGE_SIZE."
     )
 
@@ -177,6 +286,7 @@ def _size(counts: dict[str, int], bytes_per_param: int) -> WeightsSize:
     return WeightsSize(
         total_bytes=sum(counts.values()) * bytes_per_param,
         largest_component_bytes=max(counts.values()) * bytes_per_param,
+        text_encoder_bytes=counts.get("text_encoder", 0) * bytes_per_param,
     )
 
 

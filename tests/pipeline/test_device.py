@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ovis_service.config import Settings, SettingsError
-from ovis_service.pipeline.device import plan_threads, requested_devices
+from ovis_service.pipeline.device import copies_on, plan_threads, requested_devices
 from ovis_service.pipeline.memory import GIB
 
 CPU, CUDA0, CUDA1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
@@ -58,7 +58,7 @@ def test_copies_that_do_not_fit_a_gpu_are_refused_naming_both_settings() -> None
     assert "OVIS_WORKERS=4" in message
     assert "OVIS_DEVICES=auto" in message
     assert "4 copies of the model on cuda:0" in message
-    assert "78.5 GiB free" in message
+    assert "78.5 GiB to give (OVIS_GPU_MEMORY, or what is free when it is unset)" in message
     # Listing a GPU twice counts as two copies on it, just like two workers.
     with pytest.raises(SettingsError, match="2 copies of the model on cuda:0"):
         plan(cuda=2, free_gib=30, devices="cuda:0,cuda:0,cuda:1")
@@ -66,3 +66,20 @@ def test_copies_that_do_not_fit_a_gpu_are_refused_naming_both_settings() -> None
 
 def test_one_copy_always_starts_since_offload_makes_it_fit() -> None:
     assert plan(cuda=1, free_gib=11.4) == [CUDA0]
+
+
+def test_copies_on_one_gpu_share_its_budget() -> None:
+    """The fit check plans with the figure it is given (OVIS_GPU_MEMORY, or what is free), and
+    the copies on one device share it."""
+    settings = Settings(workers=2, max_image_size=1024, offload="encoder")
+    assert copies_on(settings, CUDA0, cuda_count=lambda: 2) == 2
+    assert copies_on(Settings(devices="cuda:0,cuda:0,cuda:1"), CUDA0, cuda_count=lambda: 2) == 2
+    assert copies_on(Settings(devices="cuda:0,cuda:0,cuda:1"), CUDA1, cuda_count=lambda: 2) == 1
+    # encoder keeps about 14 GiB of weights and 3.5 GiB of headroom per copy.
+    assert plan(cuda=1, free_gib=36, **settings_fields(settings)) == [CUDA0] * 2
+    with pytest.raises(SettingsError, match="2 copies of the model on cuda:0"):
+        plan(cuda=1, free_gib=34, **settings_fields(settings))
+
+
+def settings_fields(settings: Settings) -> dict[str, Any]:
+    return {"workers": settings.workers, "max_image_size": 1024, "offload": settings.offload}
