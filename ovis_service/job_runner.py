@@ -19,7 +19,12 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
 from ovis_service.config import Settings
-from ovis_service.errors import JobCancelledError, ServiceError, ShuttingDownError
+from ovis_service.errors import (
+    GenerationFailedError,
+    JobCancelledError,
+    ServiceError,
+    ShuttingDownError,
+)
 from ovis_service.generation import (
     EncodedImage,
     Generation,
@@ -138,6 +143,11 @@ class JobRunner:
             self._cancelled.add(job_id)
             generation.cancel()
 
+    def finished_elsewhere(self, record: JobRecord) -> None:
+        """A handler finished the job (cancelled while queued): its webhook still goes out."""
+        if record.status.finished and record.webhook_status is WebhookStatus.PENDING:
+            self._send_webhook(record)
+
     def listen(self, job_id: str) -> asyncio.Queue[Progress]:
         """Each step of `job_id` while it runs on this replica, as it happens."""
         queue: asyncio.Queue[Progress] = asyncio.Queue()
@@ -249,6 +259,8 @@ class JobRunner:
                 await self._finish(
                     record, JobStatus.CANCELLED, "cancelled while running", "cancelled"
                 )
+            else:  # stopped by this replica, not by its owner: it runs again
+                await asyncio.to_thread(self.store.release, record.id)
         except ShuttingDownError:
             # The drain ran out while it ran: it starts again at the next start.
             await asyncio.to_thread(self.store.release, record.id)
@@ -263,6 +275,10 @@ class JobRunner:
                 "the images could not be stored (the job store is full or not writable)",
                 "storage_error",
             )
+        except Exception:
+            # A bug must not leave the job `running` for ever: it fails, with the generic text.
+            logger.exception("job_failed")
+            await self._finish(record, JobStatus.FAILED, GenerationFailedError().detail, "failed")
         finally:
             self._running.pop(record.id, None)
             self._cancelled.discard(record.id)

@@ -97,6 +97,13 @@ async def accept_job(
     settings: Settings,
 ) -> Response[Job]:
     """Commit the job, then answer 202; the runner starts it when a thread is free."""
+    if len(params) > worker.places:
+        # The pool could never take all its images at once, so it would wait for ever.
+        raise BadRequestError(
+            f"n: this service runs at most {worker.places} images at once (inference threads "
+            f"plus OVIS_QUEUE_SIZE); ask for {worker.places} or fewer",
+            param="n",
+        )
     if webhook is not None:
         await check_webhook(webhook, settings)
     new = NewJob(
@@ -262,6 +269,7 @@ class JobsController(Controller):
         if record is None:
             raise _not_found(job_id)
         runner.cancel_here(job_id)
+        runner.finished_elsewhere(record)
         return job_view(record, public_base(request, settings))
 
     @delete("/{job_id:str}", status_code=204, summary="Delete a job", responses=_NOT_FOUND)

@@ -184,6 +184,11 @@ class InferencePool:
         with self.lock:
             return self._retry_after_locked()
 
+    @property
+    def places(self) -> int:
+        """The most images the pool takes at once: one per thread plus the queue."""
+        return len(self._threads) + self._capacity
+
     def idle_threads(self) -> int:
         """Threads with nothing running and nothing queued for them, while the pool takes work:
         the places the job runner may fill from the backlog, so that synchronous requests, which

@@ -377,6 +377,38 @@ def test_a_webhook_gets_the_finished_job_signed_as_standard_webhooks_says(
         Webhook("whsec_" + "A" * 32).verify(body, headers)
 
 
+def test_a_job_cancelled_while_queued_still_sends_its_webhook(
+    receiver: _Receiver, gate: threading.Event
+) -> None:
+    port = receiver.server_address[1]
+    app = make_app(
+        FakeEngine(gate=gate),
+        webhook_secret=SECRET,
+        webhook_allowed_hosts=(f"127.0.0.1:{port}",),
+    )
+    with ready_client(app) as client:
+        wait_for(client, submit(client), "running")
+        queued = submit(client, {**BODY, "webhook": f"http://127.0.0.1:{port}/h"})
+        assert client.post(f"/jobs/{queued}/cancel", headers=AS_A).json()["status"] == "cancelled"
+        deadline = time.monotonic() + WAIT
+        while not receiver.received:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    ((headers, body),) = receiver.received
+    assert Webhook(SECRET).verify(body, headers)["status"] == "cancelled"
+
+
+def test_a_job_larger_than_the_pool_can_ever_take_is_refused_naming_n() -> None:
+    engine = FakeEngine()
+    with ready_client(make_app(engine, queue_size=1, max_images_per_request=4)) as client:
+        answer = client.post(
+            "/v1/images/generations", json={"prompt": "x", "n": 3}, headers={**AS_A, **ASYNC}
+        )
+        assert answer.status_code == 400
+        assert answer.json()["error"]["param"] == "n"
+        assert "at most 2 images" in answer.json()["error"]["message"]
+
+
 def test_webhooks_to_addresses_off_the_allow_list_are_refused_naming_the_field(
     receiver: _Receiver,
 ) -> None:
