@@ -8,7 +8,8 @@ official `openai` client.
 import http.server
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,10 +17,14 @@ import openai
 import pytest
 from litestar import Litestar
 from litestar.testing import TestClient
+from sqlalchemy.exc import OperationalError
 from standardwebhooks.webhooks import Webhook
 
 from ovis_service.app import create_app
 from ovis_service.config import Settings
+from ovis_service.store.database import open_database
+from ovis_service.store.job_store import JobStore
+from ovis_service.store.records import JobRecord, NewImage, NewJob
 from tests.support.fakes import FakeEngine
 from tests.support.in_process import ready_client
 from tests.support.service import ServiceProcess
@@ -296,6 +301,39 @@ def test_finished_jobs_and_their_images_expire_after_the_ttl() -> None:
         assert client.get(f"/jobs/{job_id}", headers=AS_A).status_code == 404
         assert client.get(path).status_code == 404
         assert client.get("/jobs", headers=AS_A).json()["data"] == []
+
+
+class _FullDisk(JobStore):
+    """A store whose disk fills up: every write of images, or of new jobs once `full`, fails as
+    SQLite fails then."""
+
+    full = False
+
+    def succeed(self, job_id: str, files: Sequence[NewImage]) -> bool:
+        raise OperationalError("INSERT INTO ovis_images", {}, Exception("database or disk is full"))
+
+    def create(self, new: NewJob) -> JobRecord:
+        if self.full:
+            raise OperationalError("INSERT INTO ovis_jobs", {}, Exception("disk is full"))
+        return super().create(new)
+
+
+def test_a_full_disk_fails_the_job_with_a_message_and_refuses_new_ones_with_a_503(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(api_keys=(KEY_A,), warmup=False, data_dir=str(tmp_path))
+    store = _FullDisk(open_database(settings), ttl=60)
+    with ready_client(create_app(settings, engine=FakeEngine(), store=store)) as client:
+        failed = wait_for(client, submit(client), "failed")
+        assert failed["error"]["code"] == "storage_error"
+        assert "could not be stored" in failed["error"]["message"]
+        store.full = True
+        refused = client.post("/generate", json=BODY, headers={**AS_A, **ASYNC})
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "5"
+        assert "job store" in refused.json()["detail"]
+        # The service goes on: synchronous requests need no store.
+        assert client.post("/generate", json=BODY, headers=AS_A).status_code == 200
 
 
 def test_image_urls_use_the_public_url_when_set() -> None:
