@@ -1,4 +1,7 @@
-"""`ovis-service`: run the app under uvicorn, drain on SIGTERM and exit 0."""
+"""`ovis-service`: run the app under uvicorn, drain on SIGTERM and exit 0.
+
+`ovis-service batch ...` is the batch client instead (`ovis_service.batch`).
+"""
 
 import argparse
 import os
@@ -12,6 +15,7 @@ import structlog
 import uvicorn
 from litestar import Litestar
 
+from ovis_service import batch
 from ovis_service.api.dependencies import services_in
 from ovis_service.app import create_app
 from ovis_service.config import Settings, SettingsError, load_settings
@@ -59,6 +63,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="ovis-service",
         description="Serve Ovis-Image-7B over HTTP. Settings come from OVIS_* variables.",
+        epilog="`ovis-service batch --help`: send a JSONL file of requests to a running service.",
     )
     parser.add_argument("--host", help="overrides OVIS_HOST")
     parser.add_argument("--port", type=int, help="overrides OVIS_PORT")
@@ -85,6 +90,10 @@ def _swallow_reraised_signal(_signum: int, _frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["batch"]:
+        return batch.main(argv[1:])
     args = _parse_args(argv)
     env_file = apply_env_file()
     try:
