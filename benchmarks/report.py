@@ -80,8 +80,64 @@ def write_markdown(data: dict[str, Any]) -> str:
                 [[m["mode"], m["peak_vram_gib"], m["seconds_1_step"]] for m in data["memory"]],
             )
         )
+    if data.get("budgets"):
+        parts.append(_budgets_table(data["budgets"]))
+    if data.get("threads"):
+        parts.append(
+            _table(
+                ["image", "steps", "images/min, 1 thread", "images/min, 2 threads", "2 vs 1"],
+                [
+                    [
+                        f"{t['size']}x{t['size']}",
+                        t["steps"],
+                        t["images_per_min_1"],
+                        t["images_per_min_2"],
+                        f"{t['two_vs_one']}x",
+                    ]
+                    for t in data["threads"]
+                ],
+            )
+        )
+    if data.get("compile_modes"):
+        parts.append(
+            _table(
+                ["compile mode", "first call s", "s/image (50 steps)", "vs the service's", "error"],
+                [
+                    [
+                        m["mode"],
+                        m.get("first_call_s"),
+                        m.get("seconds_per_image"),
+                        f"{m['vs_service']}x" if "vs_service" in m else None,
+                        m.get("error", ""),
+                    ]
+                    for m in data["compile_modes"]
+                ],
+            )
+        )
     if data.get("failed"):
         parts.append("Failed: " + "; ".join(data["failed"]) + ".")
     if data["skipped"]:
         parts.append("Skipped: " + "; ".join(data["skipped"]) + ".")
     return "\n\n".join(parts) + "\n"
+
+
+def _budgets_table(rows: list[dict[str, Any]]) -> str:
+    header = ["OVIS_GPU_MEMORY", "plan auto picks", "compile", "plan needs GiB"]
+    header += ["peak reserved GiB", "under budget", "s/image (50 steps)", "x resident", "x floor"]
+    header += ["plan with OVIS_MAX_IMAGE_SIZE=2048"]
+    table = [
+        [
+            r["budget"],
+            r.get("plan", r.get("error")),
+            r.get("compile"),
+            r.get("plan_needs_gib"),
+            r.get("peak_reserved_gib"),
+            r.get("under_budget"),
+            r.get("seconds_per_image"),
+            f"{r['x_resident']}x" if "x_resident" in r else None,
+            r.get("x_floor"),
+            r.get("plan_at_max_2048"),
+        ]
+        for r in rows
+    ]
+    return _table(header, table)

@@ -1,9 +1,9 @@
 """A benchmark scenario is a set of the service's own settings, and runs the way the service runs.
 
-`Scenario` names the `Settings` fields that change how an image is made (the speed levers and the
-memory mode). `build_pipeline` makes the weights; `set_up` then does what `DiffusersEngine.load`
-does with them: place them for the memory mode (`memory.plan_placement`, `memory.place`) and
-apply the levers (`levers.apply`). A figure can therefore only describe code that ships.
+`Scenario` names the `Settings` fields that change how an image is made (the speed levers, the
+memory plan and its budget). `build_pipeline` makes the weights; `set_up` then hands them to
+`prepare.prepare`, which `DiffusersEngine.load` calls too: plan within the budget, place, resolve
+compile, apply the levers. A figure can therefore only describe code that ships.
 diffusers' `benchmarks/benchmarking_utils.py` has the same shape: a scenario, a fresh model.
 """
 
@@ -15,8 +15,9 @@ from diffusers import OvisImagePipeline
 
 from benchmarks.architecture import build_full_size_pipeline
 from ovis_service.config import Settings
-from ovis_service.pipeline import levers, memory
+from ovis_service.pipeline import levers
 from ovis_service.pipeline.levers import Levers
+from ovis_service.pipeline.prepare import Prepared, prepare
 from ovis_service.pipeline.tiny import TINY_MODEL_ID, build_tiny_pipeline
 
 _SERVICE = Settings()  # a field a scenario leaves out keeps the service's default
@@ -28,13 +29,18 @@ class Scenario:
 
     name: str
     cfg_batch: bool = _SERVICE.cfg_batch
-    compile: str = _SERVICE.compile
+    # Lever rows are eager unless they name compile; the service's default (`auto`) compiles on
+    # CUDA, which the budget rows time.
+    compile: str = "none"
     attention: str = _SERVICE.attention
     step_cache: str = _SERVICE.step_cache
     step_cache_threshold: float = _SERVICE.step_cache_threshold
     quantize: str = _SERVICE.quantize
-    # The service's `auto` picks a mode from the free VRAM; a scenario names the one it times.
+    # The service's `auto` picks a plan from the budget; a lever row names the one it times.
     offload: str = "none"
+    gpu_memory: str = _SERVICE.gpu_memory
+    workers: int = _SERVICE.workers  # copies on the device, which share its budget
+    max_image_size: int = _SERVICE.max_image_size
     # Time the plain `OvisImagePipeline.__call__` instead of the service's loop: the baseline.
     diffusers_call: bool = False
     note: str = ""
@@ -56,7 +62,8 @@ _SETTINGS_FIELDS = tuple(
 
 
 def check(scenario: Scenario, device: torch.device, dtype: torch.dtype) -> None:
-    """Raise the `SettingsError` the service would stop at startup with, if any."""
+    """Raise the `SettingsError` the service would stop at startup with, if any (before the
+    memory plan is known: the plan-dependent refusals come from `set_up`)."""
     levers.check(Levers.from_settings(scenario.settings()), device, dtype)
 
 
@@ -74,14 +81,7 @@ def build_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Ovis
     return pipe
 
 
-def set_up(pipe: OvisImagePipeline, scenario: Scenario, device: torch.device) -> Levers:
-    """Prepare `pipe` as `DiffusersEngine.load` does: place it, then apply the levers. Returns
-    the levers, whose `cfg_batch` the denoising loop reads."""
-    settings = scenario.settings()
-    placement = memory.plan_placement(
-        pipe, settings.offload, device, max_image_size=settings.max_image_size
-    )
-    memory.place(pipe, placement.offload, device)
-    chosen = Levers.from_settings(settings)
-    levers.apply(pipe, chosen)
-    return chosen
+def set_up(pipe: OvisImagePipeline, scenario: Scenario, device: torch.device) -> Prepared:
+    """Prepare `pipe` as `DiffusersEngine.load` does. Returns the plan and the levers in force
+    (their `cfg_batch` is what the denoising loop reads)."""
+    return prepare(pipe, scenario.settings(), device)

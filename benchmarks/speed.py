@@ -1,6 +1,8 @@
-"""Every speed lever side by side in one run, against a plain `OvisImagePipeline.__call__`.
+"""Every speed lever side by side in one run, against a plain `OvisImagePipeline.__call__`, and
+the service's defaults under each memory budget (`benchmarks/budgets.py`).
 
-    python -m benchmarks.speed --model full --out DIR    # one H100/H200: about 6 minutes
+    python -m benchmarks.speed --model full --out DIR --sections gpu-run   # one H100/H200, < 9 min
+    python -m benchmarks.speed --model full --out DIR    # every section: longer than 9 minutes
     python -m benchmarks.speed --model tiny --out DIR    # the CPU, under 3 minutes (CI runs it)
 
 `full` is Ovis-Image-7B's architecture from the configs in `ovis_service/pipeline/configs/` with
@@ -28,6 +30,7 @@ from typing import Any
 import diffusers
 import torch
 
+from benchmarks import budgets as budget_sections
 from benchmarks import measure
 from benchmarks.architecture import parameter_count
 from benchmarks.components import flops_and_floor, measure_parts
@@ -38,6 +41,7 @@ from ovis_service.engine import StepHooks
 from ovis_service.pipeline import loop
 from ovis_service.pipeline.device import resolve_device, resolve_dtype
 from ovis_service.pipeline.memory import pipeline_weights
+from ovis_service.pipeline.prepare import Prepared
 from ovis_service.pipeline.tiny import TINY_MODEL_ID
 from ovis_service.schemas import GenerationParams
 
@@ -60,6 +64,12 @@ class Plan:
     compile_needs_s: float  # skip the compile section with less time left than this
     fp8_needs_s: float  # fp8's first compile took 5 minutes on an H200
     matmul_size: int
+    budget_steps: tuple[int, int]  # the two step counts of a steady-state measurement
+    budget_needs_s: float  # one budget row: build, place, compile (warm cache), time
+    thread_sizes: tuple[int, ...]
+    thread_steps: int
+    thread_images: int  # per thread
+    threads_needs_s: float
 
 
 PLANS = {
@@ -70,10 +80,16 @@ PLANS = {
         cache_steps=FULL_STEPS,
         repeats=2,
         attention=("auto", "cudnn", "torch_flash", "efficient"),
-        budget_s=480,
+        budget_s=540,
         compile_needs_s=150,
         fp8_needs_s=320,
         matmul_size=8192,
+        budget_steps=(2, 6),
+        budget_needs_s=70,
+        thread_sizes=(512, 1024),
+        thread_steps=20,
+        thread_images=2,
+        threads_needs_s=120,
     ),
     "tiny": Plan(
         model=TINY_MODEL_ID,
@@ -86,6 +102,12 @@ PLANS = {
         compile_needs_s=60,
         fp8_needs_s=60,
         matmul_size=1024,
+        budget_steps=(1, 3),
+        budget_needs_s=20,
+        thread_sizes=(128, 256),
+        thread_steps=2,
+        thread_images=1,
+        threads_needs_s=15,
     ),
 }
 
@@ -158,6 +180,9 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     compile: dict[str, Any] = field(default_factory=dict)
     memory: list[dict[str, Any]] = field(default_factory=list)
+    budgets: list[dict[str, Any]] = field(default_factory=list)
+    threads: list[dict[str, Any]] = field(default_factory=list)
+    compile_modes: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
 
@@ -180,17 +205,28 @@ class Bench:
 
     # -- the pipeline ----------------------------------------------------------------------
 
-    def use(self, scenario: Scenario) -> None:
+    def use(self, scenario: Scenario, *, from_cpu: bool = False) -> None:
         """A fresh pipeline, set up for `scenario` as the service sets one up."""
-        self._drop_pipeline()
-        self.pipe = build_pipeline(self.plan.model, self.device, self.dtype)
-        self.levers = set_up(self.pipe, scenario, self.device)
+        self.drop_pipeline()
+        self.pipe, self.prepared = self.fresh(scenario, from_cpu=from_cpu)
+        self.levers = self.prepared.levers
         self.scenario = scenario
 
-    def _drop_pipeline(self) -> None:
+    def fresh(self, scenario: Scenario, *, from_cpu: bool = False) -> tuple[Any, Prepared]:
+        """A new pipeline set up for `scenario`. `from_cpu`: the weights are made on the device
+        (fast) and moved to CPU memory before placement, as the service loads them, so that a
+        budget caps only what the plan puts on the device."""
+        pipe = build_pipeline(self.plan.model, self.device, self.dtype)
+        if from_cpu and self.device.type == "cuda":
+            pipe.to("cpu")
+            measure.reset_peak_memory(self.device)
+        return pipe, set_up(pipe, scenario, self.device)
+
+    def drop_pipeline(self) -> None:
         """Free the last scenario's weights before making the next (two full-size copies would
         need twice the VRAM); compiled graphs hold the old weights too."""
         self.__dict__.pop("pipe", None)
+        self.__dict__.pop("prepared", None)
         torch._dynamo.reset()
         gc.collect()
         measure.reset_peak_memory(self.device)
@@ -239,11 +275,19 @@ class Bench:
         return lambda: self._generate(params)
 
     def _generate(self, params: GenerationParams) -> None:
+        self.make_image(self.pipe, self.prepared, params)
+
+    @staticmethod
+    def make_image(pipe: Any, prepared: Prepared, params: GenerationParams) -> None:
         try:
             with torch.inference_mode():
-                loop.generate(self.pipe, params, NO_HOOKS, cfg_batch=self.levers.cfg_batch)
+                loop.generate(pipe, params, NO_HOOKS, cfg_batch=prepared.levers.cfg_batch)
         finally:
-            self.pipe.maybe_free_model_hooks()  # as the engine does: offloads, resets step caches
+            pipe.maybe_free_model_hooks()  # as the engine does: offloads, resets step caches
+
+    def run_steps(self, steps: int) -> None:
+        """One image of the scenario in hand at `steps` steps."""
+        self.runner(steps)()
 
     def _call_pipeline(self, params: GenerationParams) -> None:
         with torch.inference_mode():
@@ -402,9 +446,15 @@ SECTIONS: dict[str, Callable[[Bench], None]] = {
     "eager": eager,
     "caches": caches,
     "compile": compiled,
+    "budgets": budget_sections.budgets,
+    "threads": budget_sections.threads,
+    "compile_modes": budget_sections.compile_modes,
     "memory": memory,
     "fp8": fp8,  # the longest compile: last, so a short budget cuts only it
 }
+# The one GPU command (docs/performance.md): what the memory-budget work needs measured, inside
+# 9 minutes on an H200. The eager levers, caches, memory modes and fp8 were measured before.
+PRESETS = {"gpu-run": ("components", "compile", "budgets", "threads", "compile_modes")}
 
 
 def run(plan: Plan, out: Path, sections: tuple[str, ...] = tuple(SECTIONS)) -> Results:
@@ -434,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sections",
         default=",".join(SECTIONS),
-        help="comma list of sections to run; rows need components (default: all)",
+        help="comma list of sections to run, or a preset: "
+        + ", ".join(f"{name} = {','.join(sections)}" for name, sections in PRESETS.items())
+        + "; rows need components (default: all)",
     )
     args = parser.parse_args(argv)
     if args.model != TINY_MODEL_ID and not torch.cuda.is_available():
@@ -444,7 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, budget_s=args.budget_s)
     if args.steps:
         plan = replace(plan, steps=args.steps)
-    results = run(plan, args.out, tuple(args.sections.split(",")))
+    sections = PRESETS.get(args.sections) or tuple(args.sections.split(","))
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    results = run(plan, args.out, sections)
     print((args.out / "speed.md").read_text())
     if results.skipped:
         print("skipped:", *results.skipped, sep="\n  ")

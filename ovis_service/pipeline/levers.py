@@ -212,16 +212,18 @@ def apply(pipe: OvisImagePipeline, levers: Levers) -> None:
         compile_blocks(transformer)
 
 
-def compile_blocks(transformer: OvisImageTransformer2DModel) -> int:
+def compile_blocks(
+    transformer: OvisImageTransformer2DModel, *, dynamic: bool = True, mode: str | None = None
+) -> int:
     """Regional compile: each repeated block on its own, except blocks streamed by a memory
     plan (their hooks move weights, which a full-graph compile cannot hold). Returns how many
-    blocks were compiled."""
+    blocks were compiled. The service compiles with dynamic shapes, so that one graph serves
+    every image size; the speed benchmark also times static shapes and CUDA graphs (`mode`)."""
     repeated = set(transformer._repeated_blocks)
     blocks = [m for m in transformer.modules() if m.__class__.__name__ in repeated]
     kept = [block for block in blocks if not is_streamed(block)]
     for block in kept:
-        # Dynamic shapes: one graph serves every image size instead of one compile per size.
-        block.compile(fullgraph=True, dynamic=True)
+        block.compile(fullgraph=True, dynamic=dynamic, mode=mode)
     return len(kept)
 
 
