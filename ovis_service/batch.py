@@ -221,7 +221,7 @@ class Batch:
                 self.tally.done += 1
             else:
                 self.tally.failures.append(record)
-            self.progress.set_postfix(failed=len(self.tally.failures), retries=self.tally.retries)
+            self._show_counts(refresh=False)
             self.progress.update(1)
 
     async def _send(self, client: httpx.AsyncClient, line: Line) -> dict[str, Any]:
@@ -235,7 +235,8 @@ class Batch:
                     url, content=line.body, headers={"Content-Type": "application/json"}
                 )
             except httpx.TransportError as exc:
-                error = f"could not reach {self.options.url}: {exc or type(exc).__name__}"
+                reason = str(exc) or type(exc).__name__
+                error = f"could not reach {self.options.url}: {reason}"
                 wait = None
             else:
                 status = response.status_code
@@ -252,8 +253,12 @@ class Batch:
             # A little jitter, so that lines refused together do not all come back together.
             wait = min(wait, _RETRY_AFTER_CAP_SECONDS) * random.uniform(1.0, 1.2)  # noqa: S311
             self.tally.retries += 1
-            self.progress.set_postfix(failed=len(self.tally.failures), retries=self.tally.retries)
+            self._show_counts()
             await asyncio.sleep(wait)
+
+    def _show_counts(self, *, refresh: bool = True) -> None:
+        failed, retries = len(self.tally.failures), self.tally.retries
+        self.progress.set_postfix(failed=failed, retries=retries, refresh=refresh)
 
     def _save(self, line: Line, response: httpx.Response) -> dict[str, Any]:
         seed = response.headers.get("X-Seed", "")
@@ -319,12 +324,25 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         epilog="Exit status: 0 all lines done, 1 some failed (listed at the end), 2 usage "
         "error, 130 interrupted by Ctrl-C (re-run the same command to resume).",
     )
-    parser.add_argument("prompts", type=Path, help="JSONL file: one request object per line")
-    parser.add_argument("--out", type=Path, required=True, help="directory for images and results")
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
-    parser.add_argument("--api-key", help="bearer key (default: OVIS_API_KEY, if set)")
     parser.add_argument(
-        "--concurrency", type=_at_least(1), default=2, help="requests in flight (default 2)"
+        "prompts",
+        type=Path,
+        metavar="PROMPTS.jsonl",
+        help="JSONL file: one request object per line",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="directory for images and results"
+    )
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"the service (default {DEFAULT_URL})")
+    parser.add_argument(
+        "--api-key", metavar="KEY", help="bearer key (default: OVIS_API_KEY, if set)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_at_least(1),
+        default=2,
+        metavar="N",
+        help="requests in flight (default 2)",
     )
     parser.add_argument(
         "--format",
@@ -337,12 +355,14 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--max-retries",
         type=_at_least(0),
         default=20,
+        metavar="N",
         help="retries per line after 503/429 or a connection error (default 20)",
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         default=900.0,
+        metavar="SECONDS",
         help="seconds to wait for one answer, queue included (default 900)",
     )
     return parser.parse_args(argv)
@@ -359,6 +379,16 @@ def _at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
 
 
 def _options(args: argparse.Namespace) -> Options:
