@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
-from tqdm import tqdm  # type: ignore[import-untyped]
+from tqdm import tqdm
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # at least one line failed
