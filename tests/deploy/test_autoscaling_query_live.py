@@ -1,7 +1,7 @@
 """The KEDA query, evaluated for real: Debian's Prometheus scrapes a running service (the real
 app and server over a fake engine, with an API key, as deploy/prometheus/scrape-with-key.yaml
-does), work goes into the queue, and the exact query string from the rendered ScaledObject,
-asked through Prometheus' HTTP API, must see it."""
+does), work goes into the queue and async jobs into the job store behind it, and the exact query
+string from the rendered ScaledObject, asked through Prometheus' HTTP API, must count them all."""
 
 import shutil
 import subprocess
@@ -21,20 +21,28 @@ from tests.support.service import FAKE_COMMAND, ServiceProcess, free_port, run_s
 pytestmark = pytest.mark.timeout(180)
 
 API_KEY = "scrape-key"
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 WAIT = 60.0
-# Each job takes 100 steps of 0.5 s: long enough to stay queued or running while scraped.
-HELD = {"prompt": "hold", "num_inference_steps": 100, "image_size": 256, "seed": 1}
+# A `held` prompt runs until the test creates the hold file: it keeps the one inference thread
+# busy, and the requests behind it queued, for as long as the scrapes take.
+HELD = {"prompt": "held", "num_inference_steps": 2, "image_size": 256, "seed": 1}
+QUICK = {"prompt": "quick", "num_inference_steps": 2, "image_size": 256}
+SYNC_REQUESTS, ASYNC_JOBS = 3, 4
+BACKLOG = 'max(ovis_pending_jobs{job="ovis-service"})'
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    env = {
-        "FAKE_STEP_SECONDS": "0.5",
-        "OVIS_API_KEY": API_KEY,
-        "OVIS_DRAIN_TIMEOUT": "0",  # the held jobs end at once when the test stops the service
-    }
+def hold_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hold") / "release"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, hold_file: Path) -> Iterator[ServiceProcess]:
+    # One inference thread; the job store is SQLite in the service's own directory.
+    env = {"FAKE_HOLD_FILE": str(hold_file), "OVIS_API_KEY": API_KEY}
     with run_service(tmp_path_factory.mktemp("svc"), env=env, command=FAKE_COMMAND) as service:
         yield service
+        hold_file.touch()  # a failed test must not leave held requests behind
 
 
 @pytest.fixture(scope="module")
@@ -115,26 +123,47 @@ def wait_for_value(prometheus: str, query: str, expected: float) -> None:
 
 
 def generate(service: ServiceProcess) -> int:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    with service.client(timeout=WAIT * 2, headers=headers) as client:
+    with service.client(timeout=WAIT * 2, headers=HEADERS) as client:
         return client.post("/generate", json=HELD).status_code
 
 
-def test_the_scaledobject_query_sees_queued_and_running_work(
-    base: list[Manifest], service: ServiceProcess, prometheus: str
+def wait_for_health(service: ServiceProcess, running: int, queue_depth: int) -> None:
+    with service.client() as client:
+        deadline = time.monotonic() + WAIT
+        while True:
+            health = client.get("/health").json()
+            if (health["running"], health["queue_depth"]) == (running, queue_depth):
+                return
+            assert time.monotonic() < deadline, health
+            time.sleep(0.05)
+
+
+def test_the_scaledobject_query_counts_queued_running_and_backlogged_work(
+    base: list[Manifest], service: ServiceProcess, prometheus: str, hold_file: Path
 ) -> None:
     query = only(base, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
     # Idle first: the query reads the live service (0), not an absence of series.
     wait_for_value(prometheus, query, 0)
-    with ThreadPoolExecutor(4) as pool:
-        requests = [pool.submit(generate, service) for _ in range(4)]
-        with service.client() as client:
-            deadline = time.monotonic() + WAIT
-            while (health := client.get("/health").json())["queue_depth"] != 3:
-                assert time.monotonic() < deadline, health
-                time.sleep(0.05)
-        assert health["running"] == 1
-        wait_for_value(prometheus, query, 4)  # 1 running + 3 queued
-        # Stopping with OVIS_DRAIN_TIMEOUT=0 ends the held jobs at once.
-        assert service.terminate(timeout=WAIT) == 0
-        assert sorted(request.result(WAIT) for request in requests) == [503] * 4
+    wait_for_value(prometheus, BACKLOG, 0)
+    with ThreadPoolExecutor(SYNC_REQUESTS) as pool:
+        requests = [pool.submit(generate, service) for _ in range(SYNC_REQUESTS)]
+        wait_for_health(service, running=1, queue_depth=SYNC_REQUESTS - 1)
+        # The thread is busy and requests are queued for it, so async jobs wait in the store.
+        with service.client(headers={**HEADERS, "Prefer": "respond-async"}) as client:
+            accepted = [client.post("/generate", json=QUICK) for _ in range(ASYNC_JOBS)]
+        assert [r.status_code for r in accepted] == [202] * ASYNC_JOBS
+        wait_for_value(prometheus, BACKLOG, ASYNC_JOBS)
+        # 1 running + 2 queued + 4 in the backlog.
+        wait_for_value(prometheus, query, SYNC_REQUESTS + ASYNC_JOBS)
+        hold_file.touch()
+        assert [request.result(WAIT) for request in requests] == [200] * SYNC_REQUESTS
+    # Once the thread is free the backlog runs, and the query falls back to 0.
+    wait_for_value(prometheus, query, 0)
+    with service.client(headers=HEADERS) as client:
+        deadline = time.monotonic() + WAIT
+        while True:  # the store is written just after a thread lets go of a job
+            statuses = [client.get(r.headers["Location"]).json()["status"] for r in accepted]
+            if statuses == ["succeeded"] * ASYNC_JOBS:
+                break
+            assert time.monotonic() < deadline, statuses
+            time.sleep(0.1)

@@ -1,5 +1,7 @@
 """Every built-in kind in the rendered manifests passes kubernetes-validate's strict schemas."""
 
+from collections import Counter
+
 import pytest
 from kubernetes_validate import utils as kv
 
@@ -7,13 +9,24 @@ from tests.deploy.conftest import Manifest
 
 BUILT_IN = {"Deployment", "Service", "PersistentVolumeClaim", "PodDisruptionBudget"}
 CUSTOM = {"ScaledObject", "ServiceMonitor"}
+# The base has the model cache's claim and the SQLite job store's; the overlay keeps its jobs
+# in PostgreSQL and drops the second.
+CLAIMS = {
+    "base": ["ovis-service-data", "ovis-service-hf-cache"],
+    "overlay": ["ovis-service-hf-cache"],
+}
 # The oldest Kubernetes the manifests target (preStop uses `exec: sleep`, not 1.29's `sleep:`)
 # and the newest kubernetes-validate bundles.
 VERSIONS = ["1.25", kv.latest_version()]
 
 
-def test_renders_the_expected_kinds(rendered: list[Manifest]) -> None:
-    assert sorted(m["kind"] for m in rendered) == sorted(BUILT_IN | CUSTOM)
+@pytest.mark.parametrize("fixture", list(CLAIMS))
+def test_renders_the_expected_kinds(request: pytest.FixtureRequest, fixture: str) -> None:
+    manifests: list[Manifest] = request.getfixturevalue(fixture)
+    expected = dict.fromkeys(BUILT_IN | CUSTOM, 1) | {"PersistentVolumeClaim": len(CLAIMS[fixture])}
+    assert Counter(m["kind"] for m in manifests) == expected
+    claims = [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
+    assert sorted(m["metadata"]["name"] for m in claims) == CLAIMS[fixture]
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -25,6 +25,28 @@ def literal_env(manifests: list[Manifest]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container(manifests)["env"] if "value" in e}
 
 
+def secret_ref(manifests: list[Manifest], name: str) -> dict[str, Any]:
+    env = next(e for e in container(manifests)["env"] if e["name"] == name)
+    ref: dict[str, Any] = env["valueFrom"]["secretKeyRef"]
+    return ref
+
+
+def claim(manifests: list[Manifest], name: str) -> Manifest:
+    found = [
+        m
+        for m in manifests
+        if m["kind"] == "PersistentVolumeClaim" and m["metadata"]["name"] == name
+    ]
+    assert len(found) == 1, f"expected one claim {name}, found {len(found)}"
+    return found[0]
+
+
+def mounted_volumes(manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
+    """The pod's volumes by the path the container mounts them at."""
+    volumes = {v["name"]: v for v in pod_spec(manifests)["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]] for m in container(manifests)["volumeMounts"]}
+
+
 def containerfile_value(pattern: str) -> str:
     match = re.search(pattern, (ROOT / "Containerfile").read_text(), re.MULTILINE)
     assert match, f"Containerfile has no match for {pattern}"
@@ -69,7 +91,7 @@ def test_env_is_accepted_by_the_service(rendered: list[Manifest]) -> None:
     assert settings.devices == "auto"
     assert settings.workers == 1
     secret_env = {e["name"] for e in container(rendered)["env"] if "valueFrom" in e}
-    assert secret_env == {"OVIS_API_KEY", "HF_TOKEN"}
+    assert secret_env == {"OVIS_API_KEY", "HF_TOKEN", "OVIS_DATABASE_URL"}
 
 
 def test_one_gpu_per_pod_on_gpu_nodes(rendered: list[Manifest]) -> None:
@@ -90,11 +112,56 @@ def test_runs_as_the_image_user_with_its_cache_on_the_claim(rendered: list[Manif
     assert container(rendered)["securityContext"]["allowPrivilegeEscalation"] is False
 
     hf_home = containerfile_value(r"HF_HOME=(\S+)")
-    mounts = {m["mountPath"]: m["name"] for m in container(rendered)["volumeMounts"]}
-    volumes = {v["name"]: v for v in spec["volumes"]}
-    claim = volumes[mounts[hf_home]]["persistentVolumeClaim"]["claimName"]
-    assert claim == only(rendered, "PersistentVolumeClaim")["metadata"]["name"]
-    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    volumes = mounted_volumes(rendered)
+    claim(rendered, volumes[hf_home]["persistentVolumeClaim"]["claimName"])
+    assert volumes["/dev/shm"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_the_job_store_directory_is_the_images_and_on_a_volume(rendered: list[Manifest]) -> None:
+    """OVIS_DATA_DIR is the directory the image makes for its user, and a volume is mounted
+    there: the image's own /data would vanish with the container."""
+    data_dir = literal_env(rendered)["OVIS_DATA_DIR"]
+    assert data_dir == containerfile_value(r"OVIS_DATA_DIR=(\S+)")
+    assert load_settings(literal_env(rendered)).data_dir == data_dir
+    assert data_dir in mounted_volumes(rendered)
+
+
+def test_base_keeps_sqlite_on_a_read_write_once_claim(base: list[Manifest]) -> None:
+    """One replica's SQLite: on a claim, so jobs outlive the pod, and never ReadWriteMany
+    (SQLite's WAL does not work over network file systems). PostgreSQL is there for the
+    taking: the Secret's `database-url`, when present, replaces SQLite."""
+    volume = mounted_volumes(base)[literal_env(base)["OVIS_DATA_DIR"]]
+    data = claim(base, volume["persistentVolumeClaim"]["claimName"])
+    assert data["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert secret_ref(base, "OVIS_DATABASE_URL")["optional"] is True
+
+
+def test_overlay_with_many_replicas_requires_postgresql(overlay: list[Manifest]) -> None:
+    """Above one replica every pod must share one store: without the Secret's database URL
+    the pods do not start, rather than each keep jobs the others cannot see. Its data
+    directory then holds nothing, so it is no claim that would tie the pods to one node."""
+    assert only(overlay, "ScaledObject")["spec"]["maxReplicaCount"] > 1
+    ref = secret_ref(overlay, "OVIS_DATABASE_URL")
+    assert ref["optional"] is False
+    assert (ref["name"], ref["key"]) == ("ovis-service", "database-url")
+    volume = mounted_volumes(overlay)[literal_env(overlay)["OVIS_DATA_DIR"]]
+    assert "emptyDir" in volume
+    assert "persistentVolumeClaim" not in volume
+
+
+def test_a_surge_pod_never_waits_for_a_read_write_once_claim(rendered: list[Manifest]) -> None:
+    """With maxSurge above 0 the new pod starts while the old one still holds its claims: a
+    ReadWriteOnce claim would keep it from starting (on another node) and the rollout stuck."""
+    surge = only(rendered, "Deployment")["spec"]["strategy"]["rollingUpdate"]["maxSurge"]
+    claims = [
+        claim(rendered, volume["persistentVolumeClaim"]["claimName"])
+        for volume in mounted_volumes(rendered).values()
+        if "persistentVolumeClaim" in volume
+    ]
+    single_pod_claims = [
+        c["metadata"]["name"] for c in claims if "ReadWriteOnce" in c["spec"]["accessModes"]
+    ]
+    assert surge == 0 or not single_pod_claims, single_pod_claims
 
 
 def test_selectors_meet(rendered: list[Manifest]) -> None:
@@ -136,14 +203,16 @@ def test_autoscaling_keeps_a_warm_pod_and_scales_down_slowly(rendered: list[Mani
     assert behavior["scaleUp"]["stabilizationWindowSeconds"] <= 60
 
 
-def test_trigger_is_queued_plus_running_work_per_pod(rendered: list[Manifest]) -> None:
+def test_trigger_is_queued_running_and_backlogged_work_per_pod(rendered: list[Manifest]) -> None:
     (trigger,) = only(rendered, "ScaledObject")["spec"]["triggers"]
     assert trigger["type"] == "prometheus"
     # AverageValue: the query's total is divided by the replica count, i.e. work per pod.
     assert trigger["metricType"] == "AverageValue"
     query = trigger["metadata"]["query"]
+    # What each term adds is checked by evaluating the query (test_prometheus.py).
     assert "ovis_queue_depth" in query
     assert "ovis_running_jobs" in query
+    assert "ovis_pending_jobs" in query
     assert float(trigger["metadata"]["threshold"]) >= 1
     assert trigger["metadata"]["serverAddress"].startswith("http")
 

@@ -1,6 +1,6 @@
 """The Prometheus side of deploy/: the alert rules fire on what they are for (promtool's rule
 unit tests), both scrape configs load, and the KEDA query from the rendered ScaledObject sums
-queued plus running work of this service's pods only."""
+queued plus running work of this service's pods, plus the job backlog counted once."""
 
 import shutil
 import subprocess
@@ -33,7 +33,7 @@ def run(promtool: str, *args: str, cwd: Path) -> str:
 
 
 def test_alert_rules_are_valid_and_fire_when_they_should(promtool: str) -> None:
-    assert "SUCCESS: 4 rules found" in run(
+    assert "SUCCESS: 5 rules found" in run(
         promtool, "check", "rules", "alerts.yaml", cwd=PROMETHEUS
     )
     assert "SUCCESS" in run(promtool, "test", "rules", "alerts.test.yaml", cwd=PROMETHEUS)
@@ -57,19 +57,45 @@ def test_keyed_scrape_config_loads_and_sends_the_key(promtool: str, tmp_path: Pa
     run(promtool, "check", "config", "prometheus.yml", cwd=tmp_path)
 
 
-def test_keda_query_sums_queued_and_running_work_of_this_service(
-    promtool: str, base: list[Manifest], tmp_path: Path
+# Two pods of this service (2 queued + 1 running, 0 + 1) and another installation's pod.
+WORK_SERIES = [
+    ('ovis_queue_depth{job="ovis-service", instance="10.0.0.1:4201"}', "2x5"),
+    ('ovis_running_jobs{job="ovis-service", instance="10.0.0.1:4201"}', "1x5"),
+    ('ovis_queue_depth{job="ovis-service", instance="10.0.0.2:4201"}', "0x5"),
+    ('ovis_running_jobs{job="ovis-service", instance="10.0.0.2:4201"}', "1x5"),
+    ('ovis_queue_depth{job="ovis-staging", instance="10.0.1.1:4201"}', "7x5"),
+    ('ovis_running_jobs{job="ovis-staging", instance="10.0.1.1:4201"}', "1x5"),
+]
+# Both pods share one PostgreSQL store and report its backlog of 5; staging has its own.
+BACKLOG_SERIES = [
+    ('ovis_pending_jobs{job="ovis-service", instance="10.0.0.1:4201"}', "5x5"),
+    ('ovis_pending_jobs{job="ovis-service", instance="10.0.0.2:4201"}', "5x5"),
+    ('ovis_pending_jobs{job="ovis-staging", instance="10.0.1.1:4201"}', "40x5"),
+]
+
+
+def keda_query(base: list[Manifest]) -> str:
+    query: str = only(base, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
+    return query
+
+
+@pytest.mark.parametrize(
+    ("series", "expected"),
+    [
+        # 2 + 1 + 0 + 1 of the pods, and the shared backlog once (max), not once per pod (sum).
+        pytest.param(WORK_SERIES + BACKLOG_SERIES, 9, id="queued, running and the backlog"),
+        # Pods of an image without the gauge (during a rollout), or a store that cannot be
+        # read: the backlog counts as 0 instead of emptying the whole result.
+        pytest.param(WORK_SERIES, 4, id="no backlog gauge"),
+    ],
+)
+def test_keda_query_counts_the_work_of_this_service(
+    promtool: str,
+    base: list[Manifest],
+    tmp_path: Path,
+    series: list[tuple[str, str]],
+    expected: int,
 ) -> None:
-    """Two pods (2 queued + 1 running, 0 + 1) make 4; another job's series must not count."""
-    query = only(base, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
-    series = [
-        ('ovis_queue_depth{job="ovis-service", instance="10.0.0.1:4201"}', "2x5"),
-        ('ovis_running_jobs{job="ovis-service", instance="10.0.0.1:4201"}', "1x5"),
-        ('ovis_queue_depth{job="ovis-service", instance="10.0.0.2:4201"}', "0x5"),
-        ('ovis_running_jobs{job="ovis-service", instance="10.0.0.2:4201"}', "1x5"),
-        ('ovis_queue_depth{job="ovis-staging", instance="10.0.1.1:4201"}', "7x5"),
-        ('ovis_running_jobs{job="ovis-staging", instance="10.0.1.1:4201"}', "1x5"),
-    ]
     test = {
         "rule_files": [],
         "tests": [
@@ -78,9 +104,9 @@ def test_keda_query_sums_queued_and_running_work_of_this_service(
                 "input_series": [{"series": s, "values": v} for s, v in series],
                 "promql_expr_test": [
                     {
-                        "expr": query,
+                        "expr": keda_query(base),
                         "eval_time": "2m",
-                        "exp_samples": [{"labels": "{}", "value": 4}],
+                        "exp_samples": [{"labels": "{}", "value": expected}],
                     }
                 ],
             }
