@@ -74,11 +74,12 @@ def create_app(
     if settings is None:
         settings = load_settings()
         configure_logging(settings.log_level)
+    if store is None:
+        # Before the engines: a bad data directory is refused in a second, not after torch loads.
+        store = JobStore(open_database(settings), ttl=settings.job_ttl)
     labels: list[str] | None = None
     if engines is None:
         engines, labels = ([engine], None) if engine is not None else _default_engines(settings)
-    if store is None:
-        store = JobStore(open_database(settings), ttl=settings.job_ttl)
     metrics = ServiceMetrics()
     worker = InferencePool(
         engines,

@@ -96,6 +96,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     public_url: Annotated[str, msgspec.Meta(pattern=r"^(https?://[^\s/?#]+(/[^\s?#]*)?)?$")] = ""
     job_ttl: PositiveInt = 86400  # seconds a finished job and its images are kept
     max_pending_jobs: PositiveInt = 1000
+    # Seconds a replica sharing PostgreSQL may go without renewing its claim on a running job
+    # (it does every 2 s) before another replica runs the job again.
+    job_lease: Annotated[int, msgspec.Meta(ge=6)] = 30
     webhook_secret: Annotated[str, msgspec.Meta(pattern=r"^(whsec_[A-Za-z0-9+/=]{16,})?$")] = ""
     webhook_allowed_hosts: tuple[str, ...] = ()  # host or host:port that may be private
 

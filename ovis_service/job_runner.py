@@ -5,7 +5,8 @@ It runs on the event loop beside the handlers. It claims a job only when an infe
 sits idle with nothing queued for it, so a synchronous request, where someone is waiting, never
 queues behind the backlog. Each replica sharing a PostgreSQL store runs one; whichever has an
 idle thread takes the next job. A replica renews its claim on its running jobs every few
-seconds; a claim left unrenewed for `LEASE_SECONDS` (the replica died) goes back to the queue.
+seconds; a claim left unrenewed for OVIS_JOB_LEASE seconds (the replica died) goes back to the
+queue.
 """
 
 import asyncio
@@ -45,11 +46,12 @@ logger = structlog.get_logger(__name__)
 
 _POLL_SECONDS = 0.25  # how often an idle thread looks for queued jobs
 _HEARTBEAT_SECONDS = 2.0
-LEASE_SECONDS = 30.0
 _PURGE_SECONDS = 60.0
 _PROGRESS_WRITE_SECONDS = 0.25  # progress is written at most this often per job, and at the end
 
 Progress = tuple[int, int]  # (steps done, total steps) over all of a job's images
+# What listeners hear: each step, then None once the job's outcome is in the store.
+Heard = Progress | None
 
 
 def replica_name() -> str:
@@ -86,7 +88,7 @@ class JobRunner:
         self._job_tasks: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
         self._cancelled: set[str] = set()  # running here, asked to stop
-        self._listeners: dict[str, set[asyncio.Queue[Progress]]] = {}
+        self._listeners: dict[str, set[asyncio.Queue[Heard]]] = {}
 
     # -- lifecycle, on the event loop ------------------------------------------------------------
 
@@ -148,13 +150,14 @@ class JobRunner:
         if record.status.finished and record.webhook_status is WebhookStatus.PENDING:
             self._send_webhook(record)
 
-    def listen(self, job_id: str) -> asyncio.Queue[Progress]:
-        """Each step of `job_id` while it runs on this replica, as it happens."""
-        queue: asyncio.Queue[Progress] = asyncio.Queue()
+    def listen(self, job_id: str) -> asyncio.Queue[Heard]:
+        """Each step of `job_id` while it runs on this replica, as it happens, then None once
+        its outcome is stored."""
+        queue: asyncio.Queue[Heard] = asyncio.Queue()
         self._listeners.setdefault(job_id, set()).add(queue)
         return queue
 
-    def unlisten(self, job_id: str, queue: asyncio.Queue[Progress]) -> None:
+    def unlisten(self, job_id: str, queue: asyncio.Queue[Heard]) -> None:
         listeners = self._listeners.get(job_id)
         if listeners is not None:
             listeners.discard(queue)
@@ -210,7 +213,7 @@ class JobRunner:
                     self.cancel_here(job_id)
                 if self._shared:
                     requeued = await asyncio.to_thread(
-                        self.store.requeue_stale, self.store.clock() - LEASE_SECONDS
+                        self.store.requeue_stale, self.store.clock() - self._settings.job_lease
                     )
                     if requeued:
                         logger.warning("jobs_requeued", jobs=requeued, reason="lease expired")
@@ -280,11 +283,12 @@ class JobRunner:
             logger.exception("job_failed")
             await self._finish(record, JobStatus.FAILED, GenerationFailedError().detail, "failed")
         finally:
+            self._publish(record.id, None)
             self._running.pop(record.id, None)
             self._cancelled.discard(record.id)
             self.wake()  # this thread is free for the next job
 
-    def _publish(self, job_id: str, progress: Progress) -> None:
+    def _publish(self, job_id: str, progress: Heard) -> None:
         for queue in self._listeners.get(job_id, ()):
             queue.put_nowait(progress)
 

@@ -354,6 +354,8 @@ async def _follow(
                     step = await asyncio.wait_for(steps.get(), timeout=remaining)
                 except TimeoutError:
                     break
+                if step is None:
+                    break  # its outcome is stored: read it now
                 if step != sent:
                     sent, last_sent = step, time.monotonic()
                     yield _event("progress", {"step": step[0], "total": step[1]})

@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 import pytest
 
-from ovis_service.job_runner import LEASE_SECONDS
 from tests.support.postgres import (
     PostgresServer,
     postgres_server,  # noqa: F401
@@ -33,6 +32,7 @@ WAIT = 60.0
 PREFER_ASYNC = {"Prefer": "respond-async"}
 STEP_SECONDS = 0.05
 QUICK_STEPS = 4  # 0.2 s a job
+LEASE_SECONDS = 6  # OVIS_JOB_LEASE: the shortest allowed, so the lease test takes seconds
 SLOW_STEPS = 200  # 10 s, several heartbeats: a cancel sent to the other replica lands mid-run
 
 
@@ -74,6 +74,7 @@ def _replica(name: str, url: str, factory: pytest.TempPathFactory) -> Iterator[R
         "FAKE_STEP_SECONDS": str(STEP_SECONDS),
         "FAKE_HOLD_FILE": str(directory / "hold"),
         "OVIS_MAX_STEPS": str(SLOW_STEPS),
+        "OVIS_JOB_LEASE": str(LEASE_SECONDS),
     }
     with run_service(directory, env=env, command=FAKE_COMMAND) as service:
         yield Replica(name, service, directory / "hold")
