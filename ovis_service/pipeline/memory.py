@@ -17,7 +17,7 @@ from ovis_service.config import SettingsError
 
 OffloadMode = Literal["none", "encoder", "group", "model", "sequential"]
 # Fastest first: `auto` takes the first that fits. `model` moves the whole transformer once per
-# request, `group` streams part of it once per step, `sequential` every layer once per step.
+# request, `group` streams part of it once per step, `sequential` all of it layer by layer.
 PLANS: tuple[OffloadMode, ...] = ("none", "encoder", "model", "group", "sequential")
 # Blocks a streamed transformer holds at once: the one computing, the one being copied in, and
 # one whose memory waits for the compute stream to finish with it before it is reused.
@@ -66,13 +66,14 @@ def needs(plan: OffloadMode, sizes: ComponentSizes, headroom: int, resident_bloc
         # The text encoder comes in to encode and leaves before the first transformer forward.
         return sizes.transformer + sizes.vae + max(headroom, sizes.text_encoder)
     if plan == "model":
-        return max(sizes.transformer, sizes.text_encoder, sizes.vae) + headroom
+        # The text encoder and the transformer take turns; the VAE stays.
+        return max(sizes.transformer, sizes.text_encoder) + sizes.vae + headroom
     if plan == "group":
         kept, streamed = sizes.blocks[:resident_blocks], sizes.blocks[resident_blocks:]
         outside_blocks = sizes.transformer - sum(sizes.blocks)
         working = STREAM_DEPTH * max(streamed, default=0)
         return outside_blocks + sum(kept) + working + sizes.vae + max(headroom, sizes.text_encoder)
-    return headroom  # sequential: one layer at a time
+    return sizes.vae + headroom  # sequential: one layer at a time, and the VAE
 
 
 def choose_plan(
@@ -107,6 +108,15 @@ def choose_plan(
             if faster:
                 why += f"; {', '.join(faster)} would not fit"
             return Plan(plan, kept, need, why)
+    return None
+
+
+def largest_image_that_fits(sizes: ComponentSizes, budget_bytes: int) -> int | None:
+    """The largest OVIS_MAX_IMAGE_SIZE (a multiple of 16, at least 256) for which some plan fits
+    `budget_bytes`; None when not even 256 does."""
+    for side in range(4096, 255, -16):
+        if needs("sequential", sizes, activation_headroom(side)) <= budget_bytes:
+            return side
     return None
 
 
@@ -200,11 +210,16 @@ def plan_placement(
     )
     if plan is None:
         least = needs("sequential", sizes, headroom)
+        fits = largest_image_that_fits(sizes, budget_bytes)
+        lower = (
+            f"lower OVIS_MAX_IMAGE_SIZE to {fits} or less" if fits else "lower OVIS_MAX_IMAGE_SIZE"
+        )
         raise SettingsError(
-            f"OVIS_GPU_MEMORY leaves {budget_bytes / GIB:.1f} GiB for each copy of the model on "
-            f"{device}, and even OVIS_OFFLOAD=sequential needs about {least / GIB:.1f} GiB with "
-            f"OVIS_MAX_IMAGE_SIZE={max_image_size}; raise OVIS_GPU_MEMORY (or free the GPU), "
-            "lower OVIS_MAX_IMAGE_SIZE, or run fewer copies on this device (OVIS_WORKERS)"
+            f"the memory budget (OVIS_GPU_MEMORY, or what is free when it is unset) leaves "
+            f"{budget_bytes / GIB:.1f} GiB for each copy of the model on {device}, and even "
+            f"OVIS_OFFLOAD=sequential needs about {least / GIB:.1f} GiB with "
+            f"OVIS_MAX_IMAGE_SIZE={max_image_size}; {lower}, raise OVIS_GPU_MEMORY (or free "
+            "the GPU), or run fewer copies on this device (OVIS_WORKERS)"
         )
     return Placement(plan=plan, budget_bytes=budget_bytes if on_cuda else 0, sizes=sizes)
 
@@ -216,7 +231,7 @@ def resident_bytes(offload: str, weights: WeightsSize) -> int:
     if offload == "encoder":
         return weights.total_bytes - weights.text_encoder_bytes
     if offload == "model":
-        return weights.largest_component_bytes
+        return weights.largest_component_bytes  # the transformer stays until the next prompt
     if offload in ("group", "sequential"):
         return 0
     return weights.total_bytes

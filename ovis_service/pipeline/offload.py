@@ -1,12 +1,15 @@
 """Putting the weights where a memory plan says (`memory.Plan`), all lossless: the same
-weights reach the same kernels, only when they travel differs.
+weights reach the same kernels, only when they travel differs. Whatever travels waits in pinned
+CPU memory, so copies run at full PCIe speed; the VAE (0.16 GB) always stays.
 
 - `none`: everything on the device.
-- `encoder`: the transformer and the VAE stay; the text encoder waits in pinned CPU memory,
-  comes in to encode a prompt and leaves before the transformer's first forward.
+- `encoder`: the transformer stays; the text encoder comes in to encode a prompt and leaves
+  before the transformer's first forward.
 - `group`: as `encoder`, and the transformer's leading blocks stay while the rest stream in one
-  block ahead of use on a side CUDA stream from pinned memory, so copies overlap compute.
-- `model`, `sequential`: diffusers' model and sequential CPU offload.
+  block ahead of use on a side CUDA stream, so copies overlap compute.
+- `model`: the text encoder and the transformer take turns on the device.
+- `sequential`: diffusers' group offloading at leaf level (one layer at a time), with a side
+  stream and prefetching on CUDA.
 
 Weights kept in pinned memory are copied in and dropped, never copied back: inference does not
 change them, so "offloading" is pointing a parameter at its CPU copy again.
@@ -17,6 +20,7 @@ from typing import Any
 
 import torch
 from diffusers import OvisImagePipeline
+from diffusers.hooks import apply_group_offloading
 
 from ovis_service.pipeline.memory import Plan, transformer_blocks
 
@@ -63,22 +67,32 @@ def _cpu_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
     return cpu.pin_memory() if pin and not cpu.is_pinned() else cpu
 
 
-class EncoderOnDemand:
-    """The text encoder on the device only while it encodes: in before its forward (a second
-    forward, for the negative prompt, finds it there) and out before the transformer's."""
+class TakingTurns:
+    """Components that come to the device only for their own forward: the text encoder always
+    (before its first forward; the negative prompt's forward finds it there), the transformer
+    too under `model`. A component's forward sends every other travelling one out first, so at
+    most one of them is on the device."""
 
-    def __init__(self, pipe: OvisImagePipeline, device: torch.device) -> None:
-        self.weights = PinnedWeights(pipe.text_encoder, device)
-        pipe.text_encoder.register_forward_pre_hook(self._in)
-        pipe.transformer.register_forward_pre_hook(self._out)
+    def __init__(
+        self, pipe: OvisImagePipeline, device: torch.device, *, transformer_travels: bool
+    ) -> None:
+        travelling = {"text_encoder": pipe.text_encoder}
+        if transformer_travels:
+            travelling["transformer"] = pipe.transformer
+        self.weights = {name: PinnedWeights(module, device) for name, module in travelling.items()}
+        for name in ("text_encoder", "transformer"):
+            getattr(pipe, name).register_forward_pre_hook(self._turn_of(name))
 
-    def _in(self, _module: torch.nn.Module, _args: Any) -> None:
-        if not self.weights.loaded:
-            self.weights.onload()
+    def _turn_of(self, name: str) -> Any:
+        def before(_module: torch.nn.Module, _args: Any) -> None:
+            for other, weights in self.weights.items():
+                if other != name and weights.loaded:
+                    weights.offload()
+            own = self.weights.get(name)
+            if own is not None and not own.loaded:
+                own.onload()
 
-    def _out(self, _module: torch.nn.Module, _args: Any) -> None:
-        if self.weights.loaded:
-            self.weights.offload()
+        return before
 
 
 class BlockStreamer:
@@ -136,20 +150,40 @@ class BlockStreamer:
 
 def place(pipe: OvisImagePipeline, plan: Plan, device: torch.device) -> None:
     """Move the weights as `plan` says. The pipeline may start on the CPU or on the device."""
+    if plan.offload == "none":
+        pipe.to(device)
+        return
+    if plan.offload == "sequential":
+        for module in (pipe.text_encoder, pipe.transformer):
+            _stream_layers(module, device)
+        _move_resident(pipe, device, skip=[pipe.text_encoder, pipe.transformer])
+        return
+    # Hooks first (they take the CPU copies), then everything else to the device.
+    TakingTurns(pipe, device, transformer_travels=plan.offload == "model")
+    skip = [pipe.text_encoder]
     if plan.offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif plan.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    elif plan.offload in ("encoder", "group"):
-        blocks = transformer_blocks(pipe)
-        streamed = blocks[plan.resident_blocks :] if plan.offload == "group" else []
-        # Hooks first (they take CPU copies), then everything else to the device.
-        EncoderOnDemand(pipe, device)
+        skip.append(pipe.transformer)
+    elif plan.offload == "group":
+        streamed = transformer_blocks(pipe)[plan.resident_blocks :]
         if streamed:
             BlockStreamer(streamed, device)
-        _move_resident(pipe, device, skip=[pipe.text_encoder, *streamed])
-    else:
-        pipe.to(device)
+        skip += streamed
+    _move_resident(pipe, device, skip=skip)
+
+
+def _stream_layers(module: torch.nn.Module, device: torch.device) -> None:
+    """diffusers' leaf-level group offloading; on CUDA from pinned memory, one layer copied
+    ahead on a side stream."""
+    cuda = device.type == "cuda"
+    apply_group_offloading(
+        module,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="leaf_level",
+        use_stream=cuda,
+        record_stream=cuda,
+        low_cpu_mem_usage=False,
+    )
 
 
 def _move_resident(

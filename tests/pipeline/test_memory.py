@@ -18,6 +18,7 @@ from ovis_service.pipeline.memory import (
     choose_plan,
     component_sizes,
     estimate_weights,
+    largest_image_that_fits,
     needs,
     plan_placement,
 )
@@ -169,9 +170,28 @@ def test_a_budget_too_small_for_any_plan_stops_startup_naming_ovis_gpu_memory() 
     with pytest.raises(SettingsError) as refused:
         plan_placement(pipe, "auto", torch.device("cuda", 0), budget_bytes=GIB, max_image_size=1024)
     message = str(refused.value)
-    assert message.startswith("OVIS_GPU_MEMORY leaves 1.0 GiB for each copy of the model on cuda:0")
+    assert message.startswith(
+        "the memory budget (OVIS_GPU_MEMORY, or what is free when it is unset) leaves 1.0 GiB "
+        "for each copy of the model on cuda:0"
+    )
     assert "even OVIS_OFFLOAD=sequential needs about 3.5 GiB" in message
-    assert "lower OVIS_MAX_IMAGE_SIZE" in message
+    # Not even the smallest allowed image fits in 1 GiB.
+    assert "; lower OVIS_MAX_IMAGE_SIZE, raise OVIS_GPU_MEMORY" in message
+
+
+def test_a_refusal_names_the_largest_image_size_that_would_fit() -> None:
+    pipe = build_tiny_pipeline()
+    with pytest.raises(SettingsError) as refused:
+        plan_placement(
+            pipe, "auto", torch.device("cuda", 0), budget_bytes=int(7.6 * GIB), max_image_size=2048
+        )
+    fits = largest_image_that_fits(component_sizes(pipe), int(7.6 * GIB))
+    assert fits is not None
+    assert 1024 < fits < 2048
+    assert fits % 16 == 0
+    assert needs("sequential", component_sizes(pipe), activation_headroom(fits)) <= 7.6 * GIB
+    assert needs("sequential", component_sizes(pipe), activation_headroom(fits + 16)) > 7.6 * GIB
+    assert f"lower OVIS_MAX_IMAGE_SIZE to {fits} or less" in str(refused.value)
 
 
 def fit(copies: int, free_gib: float, offload: str = "auto") -> None:

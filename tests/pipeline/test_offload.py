@@ -1,6 +1,6 @@
-"""Memory plans on the tiny pipeline: the hooks that move weights on the CPU (where they copy
-nothing, so what is checked is that they run in the right order and change no pixel), and on a
-GPU, where each plan must serve the resident plan's pixels within its budget."""
+"""Memory plans on the tiny pipeline: the hooks that move weights, on the CPU (where a copy to the
+CPU copies nothing, so what is checked is that they run when they should and change no pixel),
+and on a GPU, where each plan must serve the resident plan's pixels within its budget."""
 
 from collections.abc import Iterator
 
@@ -15,7 +15,7 @@ from ovis_service.pipeline import DiffusersEngine, budget
 from ovis_service.pipeline.levers import compile_blocks
 from ovis_service.pipeline.loop import generate
 from ovis_service.pipeline.memory import GIB, Plan, transformer_blocks
-from ovis_service.pipeline.offload import BlockStreamer, EncoderOnDemand, PinnedWeights, place
+from ovis_service.pipeline.offload import BlockStreamer, PinnedWeights, TakingTurns, place
 from ovis_service.pipeline.tiny import build_tiny_pipeline
 from ovis_service.schemas import GenerationParams
 
@@ -57,13 +57,32 @@ def test_the_text_encoder_comes_in_once_per_request_and_leaves_before_denoising(
     resident: np.ndarray,
 ) -> None:
     pipe = build_tiny_pipeline()
-    encoder = EncoderOnDemand(pipe, CPU)
-    counter = CountingWeights(encoder.weights)
+    turns = TakingTurns(pipe, CPU, transformer_travels=False)
+    assert list(turns.weights) == ["text_encoder"]
+    counter = CountingWeights(turns.weights["text_encoder"])
     for request in (1, 2):
         # Guidance encodes the prompt and the negative prompt: two forwards, one copy.
         assert np.array_equal(pixels(pipe), resident)
         assert counter.onloads == request
-        assert not encoder.weights.loaded
+        assert not turns.weights["text_encoder"].loaded
+
+
+def test_under_model_offload_the_text_encoder_and_the_transformer_take_turns(
+    resident: np.ndarray,
+) -> None:
+    pipe = build_tiny_pipeline()
+    turns = TakingTurns(pipe, CPU, transformer_travels=True)
+    counters = {name: CountingWeights(weights) for name, weights in turns.weights.items()}
+    for request in (1, 2):
+        assert np.array_equal(pixels(pipe), resident)
+        # One trip each per request, however many forwards: the transformer stays until the
+        # next prompt sends it out.
+        assert {name: c.onloads for name, c in counters.items()} == {
+            "text_encoder": request,
+            "transformer": request,
+        }
+        assert turns.weights["transformer"].loaded
+        assert not turns.weights["text_encoder"].loaded
 
 
 def test_streamed_blocks_come_in_once_per_forward_and_the_next_forward_is_prefetched(
@@ -90,7 +109,10 @@ def test_one_streamed_block_is_fetched_by_its_own_forward() -> None:
     assert counter.onloads == 2
 
 
-@pytest.mark.parametrize(("offload", "resident_blocks"), [("encoder", 0), ("group", 1)])
+@pytest.mark.parametrize(
+    ("offload", "resident_blocks"),
+    [("encoder", 0), ("group", 1), ("group", 0), ("model", 0), ("sequential", 0)],
+)
 def test_each_plan_serves_the_resident_pixels(
     offload: str, resident_blocks: int, resident: np.ndarray
 ) -> None:
