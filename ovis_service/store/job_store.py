@@ -194,20 +194,10 @@ class JobStore:
 
     def release(self, job_id: str) -> None:
         """Put a claimed job back at its place in the queue (its creation time is kept), for a
-        replica that could not start it or is shutting down."""
+        replica that could not start it or is shutting down. A job whose owner asked it to stop
+        ends cancelled instead of running again."""
         with self.engine.begin() as conn:
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status == JobStatus.RUNNING.value)
-                .values(
-                    status=JobStatus.QUEUED.value,
-                    started_at=None,
-                    claimed_by=None,
-                    heartbeat_at=None,
-                    progress_step=None,
-                    progress_total=None,
-                )
-            )
+            self._give_back(conn, jobs.c.id == job_id)
 
     def set_progress(self, job_id: str, step: int, total: int) -> None:
         with self.engine.begin() as conn:
@@ -244,31 +234,12 @@ class JobStore:
 
     def requeue_stale(self, older_than: float) -> list[str]:
         """Running jobs whose replica has not renewed its claim since `older_than` go back to
-        the queue: that replica crashed. Returns their ids."""
+        the queue: that replica crashed. Returns their ids. Those whose owner asked them to stop
+        end cancelled instead."""
         with self.engine.begin() as conn:
-            stale = [
-                row.id
-                for row in conn.execute(
-                    select(jobs.c.id).where(
-                        jobs.c.status == JobStatus.RUNNING.value,
-                        or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < older_than),
-                    )
-                )
-            ]
-            if stale:
-                conn.execute(
-                    update(jobs)
-                    .where(jobs.c.id.in_(stale), jobs.c.status == JobStatus.RUNNING.value)
-                    .values(
-                        status=JobStatus.QUEUED.value,
-                        started_at=None,
-                        claimed_by=None,
-                        heartbeat_at=None,
-                        progress_step=None,
-                        progress_total=None,
-                    )
-                )
-        return stale
+            return self._give_back(
+                conn, or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < older_than)
+            )
 
     def succeed(self, job_id: str, files: Sequence[NewImage]) -> bool:
         """Store the images and mark the job succeeded, in one transaction; False when the job
@@ -351,6 +322,40 @@ class JobStore:
             return conn.execute(delete(jobs).where(jobs.c.expires_at <= now)).rowcount
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _give_back(self, conn: Connection, which: Any) -> list[str]:
+        """Take the running jobs `which` selects off their replica: queued again at their place,
+        or cancelled if their owner asked (else a restart would run them again). Returns the ids
+        queued again."""
+        now = self.clock()
+        running = and_(which, jobs.c.status == JobStatus.RUNNING.value)
+        conn.execute(
+            update(jobs)
+            .where(running, jobs.c.cancel_requested.is_(True))
+            .values(
+                status=JobStatus.CANCELLED.value,
+                finished_at=now,
+                expires_at=now + self.ttl,
+                error_message="cancelled while running",
+                error_code="cancelled",
+                progress_step=None,
+                progress_total=None,
+            )
+        )
+        requeued = conn.execute(
+            update(jobs)
+            .where(running)
+            .values(
+                status=JobStatus.QUEUED.value,
+                started_at=None,
+                claimed_by=None,
+                heartbeat_at=None,
+                progress_step=None,
+                progress_total=None,
+            )
+            .returning(jobs.c.id)
+        )
+        return [row.id for row in requeued]
 
     def _alive(self) -> Any:
         return or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > self.clock())
