@@ -122,8 +122,8 @@ def resolve_compile(
 
 def _check_regional(plan: Plan) -> None:
     if plan.offload == "sequential":
-        # accelerate's hooks move each layer's weights inside the blocks, which a full-graph
-        # compile of those blocks cannot trace.
+        # Its hooks move each layer's weights inside the blocks, which a full-graph compile of
+        # those blocks cannot trace.
         raise SettingsError(
             "OVIS_COMPILE=regional cannot be combined with OVIS_OFFLOAD=sequential (its hooks "
             "run inside the compiled blocks); set OVIS_COMPILE=none or OVIS_COMPILE=auto, or "

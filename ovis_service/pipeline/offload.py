@@ -99,14 +99,20 @@ class BlockStreamer:
     """Streams `blocks` (run in this order, over and over) from pinned memory: each block's
     pre-hook waits for its own copy and starts the next block's on a side stream; its post-hook
     drops it. The last block starts the first one's copy, for the next forward. On the CPU there
-    is no stream and copies are synchronous (tests exercise the hooks there)."""
+    is no stream and copies are synchronous (tests exercise the hooks there).
+
+    The host runs ahead of the GPU, and memory a block leaves is reused only once the GPU has
+    finished with it; so before starting a copy, the host waits until the GPU is done with the
+    block two back. That bounds what is on the device to about `memory.STREAM_DEPTH` blocks while
+    the GPU always has the previous block queued."""
 
     def __init__(self, blocks: Sequence[torch.nn.Module], device: torch.device) -> None:
         self._weights = [PinnedWeights(block, device) for block in blocks]
         self._device = device
         cuda = device.type == "cuda"
         self._stream = torch.cuda.Stream(device) if cuda else None  # type: ignore[no-untyped-call]
-        self._ready: list[torch.cuda.Event | None] = [None] * len(blocks)
+        self._ready: list[torch.cuda.Event | None] = [None] * len(blocks)  # copy done
+        self._done: list[torch.cuda.Event | None] = [None] * len(blocks)  # forward done
         self._fetched = [False] * len(blocks)
         for index, block in enumerate(blocks):
             setattr(block, STREAMED, True)
@@ -122,7 +128,11 @@ class BlockStreamer:
                 compute.wait_event(event)
                 self._weights[index].record_stream(compute)
             self._ready[index], self._fetched[index] = None, False
-            following = (index + 1) % len(self._weights)
+            count = len(self._weights)
+            two_back = self._done[(index - 2) % count]
+            if two_back is not None:
+                two_back.synchronize()
+            following = (index + 1) % count
             if following != index:  # one streamed block: its next copy waits for the next forward
                 self._fetch(following)
 
@@ -131,6 +141,10 @@ class BlockStreamer:
     def _post_hook(self, index: int) -> Any:
         def after(_module: torch.nn.Module, _args: Any, _output: Any) -> None:
             self._weights[index].offload()
+            if self._stream is not None:
+                done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                done.record(torch.cuda.current_stream(self._device))  # type: ignore[no-untyped-call]
+                self._done[index] = done
 
         return after
 
