@@ -1,6 +1,8 @@
 """Section 1, bad input: schemathesis against the service's own OpenAPI schema, then hand-made
-requests that no schema describes. The tiny real pipeline answers the valid ones."""
+requests that no schema describes, on the synchronous routes and on the async job routes. The
+tiny real pipeline answers the valid ones."""
 
+import base64
 import json
 import socket
 from collections import Counter
@@ -25,12 +27,16 @@ from tests.support.service import REPO_ROOT, ServiceProcess, run_service
 # Small limits keep each valid request cheap (a 256-320 px image in 1-2 steps), so the run
 # spends its time on many requests rather than on a few large images.
 # A queue with room for the largest `n`, so that a lone fuzzed request is never refused whole.
+# A webhook secret, so that webhook URLs are checked rather than all refused for want of one;
+# no allowed hosts, so loopback URLs are refused too and the service never connects anywhere.
 FUZZ_ENV = {
     "OVIS_MAX_STEPS": "2",
     "OVIS_MAX_IMAGE_SIZE": "320",
     "OVIS_QUEUE_SIZE": "2",
     "OVIS_MAX_IMAGES_PER_REQUEST": "2",
+    "OVIS_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"bad-input-test-key").decode(),
 }
+ASYNC = "Prefer: respond-async"
 # 150 per mode and operation keeps the fuzz run near a minute of a 2-core CI run (300 took two,
 # a third of the whole suite); `ovis_service` decodes every body the same strict way, so more
 # examples mostly repeat what these already reach.
@@ -40,7 +46,18 @@ EXAMPLES_PER_MODE = 150
 # of them valid enough to reach the pipeline; schemathesis's example and boundary phases alone
 # send about 120 and 200, so these floors fail a run whose fuzzing stopped short. An operation
 # without parameters gets about 10 requests (its examples and the methods it does not allow).
-FLOORS = {"POST /generate": (200, 50), "POST /v1/images/generations": (250, 50)}
+# The second figure counts 2xx answers: 200 for a synchronous request, 202 for an accepted job.
+# With `Prefer: respond-async` the valid requests become jobs, which the pipeline runs later.
+# `GET /jobs` has two query parameters to vary; the other job routes only a path id, which is
+# never one of a real job (a 404), so they get little more than the default.
+FLOORS = {
+    "POST /generate": (200, 50),
+    "POST /v1/images/generations": (250, 50),
+    # About half the valid bodies carry a `webhook` string, which is no URL: refused.
+    "POST /generate, respond-async": (200, 20),
+    "POST /v1/images/generations, respond-async": (250, 20),
+    "GET /jobs": (100, 10),
+}
 DEFAULT_FLOOR = (5, 0)
 INTEGER_FIELDS = (
     "num_inference_steps",
@@ -62,10 +79,12 @@ class FuzzTally:
     operation: str = ""  # e.g. `POST /generate`; empty for a tally of several
     statuses: Counter[str] = field(default_factory=Counter)
     whole_floats_refused: list[str] = field(default_factory=list)
+    refused_by_design: list[str] = field(default_factory=list)
 
     def add(self, other: "FuzzTally") -> None:
         self.statuses.update(other.statuses)
         self.whole_floats_refused += other.whole_floats_refused
+        self.refused_by_design += other.refused_by_design
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +117,12 @@ SCHEMA = schemathesis.openapi.from_dict(DOCUMENT)
 SCHEMA.config.generation.update(
     modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=EXAMPLES_PER_MODE
 )
+# The same two POST operations again, sent with `Prefer: respond-async`: the header is not in
+# the schema, so the run above never makes a job.
+ASYNC_SCHEMA = schemathesis.openapi.from_dict(DOCUMENT).include(method="POST")
+ASYNC_SCHEMA.config.generation.update(
+    modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=EXAMPLES_PER_MODE
+)
 
 
 def test_the_fuzzed_schema_is_the_one_the_service_serves(fuzz_service: ServiceProcess) -> None:
@@ -123,6 +148,25 @@ def _is_refused_whole_float(case: schemathesis.Case[Any], response: schemathesis
     )
 
 
+# Fields with a rule JSON Schema cannot state: `webhook` must be an http(s) URL of a public host,
+# and only with `Prefer: respond-async`; `stream` cannot go with it (a job answers at once);
+# `after` must be a cursor the service gave out.
+RULES_BEYOND_THE_SCHEMA = ("webhook", "stream", "after")
+
+
+def _is_refused_by_design(case: schemathesis.Case[Any], response: schemathesis.Response) -> bool:
+    """Only a refusal of one of those fields, present in the request, whose message names it,
+    is let through; each is counted in the figures."""
+    body = case.body if isinstance(case.body, dict) else {}
+    sent = {**(case.query or {}), **body}
+    fields = [name for name in RULES_BEYOND_THE_SCHEMA if sent.get(name) not in (None, False)]
+    if not fields or response.status_code not in (400, 422):
+        return False
+    payload = json.loads(response.content)
+    detail = payload["error"]["message"] if "error" in payload else payload["detail"]
+    return any(str(detail).startswith(f"{name}: ") for name in fields)
+
+
 @pytest.fixture(scope="module")
 def fuzz_report(figures: FigureBook) -> Iterator[FuzzTally]:
     """Every operation's answers together, for the figures table once the module is done."""
@@ -137,6 +181,11 @@ def fuzz_report(figures: FigureBook) -> Iterator[FuzzTally]:
         figures.add(
             "1 bad input", "whole floats refused (422, by design)", len(report.whole_floats_refused)
         )
+        figures.add(
+            "1 bad input",
+            "webhook, stream or after refused (4xx, by design)",
+            len(report.refused_by_design),
+        )
 
 
 @pytest.fixture
@@ -149,12 +198,38 @@ def operation_tally(fuzz_service: ServiceProcess, fuzz_report: FuzzTally) -> Ite
     fuzz_report.add(tally)
     min_requests, min_valid = FLOORS.get(tally.operation, DEFAULT_FLOOR)
     assert sum(tally.statuses.values()) >= min_requests, (tally.operation, tally.statuses)
-    assert tally.statuses["200"] >= min_valid, (
-        f"too few valid requests reached the pipeline through {tally.operation}",
+    successes = sum(n for status, n in tally.statuses.items() if status.startswith("2"))
+    assert successes >= min_valid, (
+        f"too few valid requests got through {tally.operation}",
         tally.statuses,
     )
     errors = [line for line in fuzz_service.logs() if line.get("level") in {"error", "critical"}]
     assert not errors, errors[:3]
+
+
+# Litestar 2's automatic OPTIONS answer lists only one of the methods of a path served by two
+# handlers (`Allow: DELETE, OPTIONS` for /jobs/{job_id}, which also has GET): litestar-org/
+# litestar#4169, fixed in Litestar 3. Only that check, only there, is left out.
+ALLOW_HEADER_BUG = {"GET /jobs/{job_id}", "DELETE /jobs/{job_id}"}
+
+
+def _call_and_validate(
+    case: schemathesis.Case[Any], service: ServiceProcess, tally: FuzzTally, **kwargs: Any
+) -> None:
+    response = case.call(base_url=service.base_url, timeout=60, **kwargs)
+    tally.statuses[f"{response.status_code}"] += 1
+    excluded = []
+    if case.operation.label in ALLOW_HEADER_BUG:
+        excluded.append(schemathesis.checks.allow_header_conformance)
+    if _is_refused_whole_float(case, response):
+        tally.whole_floats_refused.append(str(case.body))
+        excluded.append(schemathesis.checks.positive_data_acceptance)
+    elif _is_refused_by_design(case, response):
+        tally.refused_by_design.append(f"{case.query} {case.body}")
+        excluded.append(schemathesis.checks.positive_data_acceptance)
+    # Every other built-in check runs: no 5xx, status code, content type, headers and body as
+    # documented, valid data accepted, invalid data refused, undeclared methods refused.
+    case.validate_response(response, excluded_checks=excluded)
 
 
 @SCHEMA.parametrize()
@@ -163,15 +238,22 @@ def test_generated_requests_get_no_server_error_and_match_the_schema(
     case: schemathesis.Case[Any], fuzz_service: ServiceProcess, operation_tally: FuzzTally
 ) -> None:
     operation_tally.operation = case.operation.label
-    response = case.call(base_url=fuzz_service.base_url, timeout=60)
-    operation_tally.statuses[f"{response.status_code}"] += 1
-    excluded = []
-    if _is_refused_whole_float(case, response):
-        operation_tally.whole_floats_refused.append(str(case.body))
-        excluded.append(schemathesis.checks.positive_data_acceptance)
-    # Every other built-in check runs: no 5xx, status code, content type, headers and body as
-    # documented, valid data accepted, invalid data refused, undeclared methods refused.
-    case.validate_response(response, excluded_checks=excluded)
+    # A webhook is only valid on a job; a synchronous request with one is refused (see the
+    # hand-written cases below). Without it, valid requests reach the pipeline.
+    positive = case.meta is not None and case.meta.generation.mode.is_positive
+    if positive and isinstance(case.body, dict):
+        case.body.pop("webhook", None)
+    _call_and_validate(case, fuzz_service, operation_tally)
+
+
+@ASYNC_SCHEMA.parametrize()
+@settings(database=None, deadline=None, suppress_health_check=list(HealthCheck))
+def test_generated_async_requests_get_no_server_error_and_match_the_schema(
+    case: schemathesis.Case[Any], fuzz_service: ServiceProcess, operation_tally: FuzzTally
+) -> None:
+    """Valid requests become jobs (202) that the runner works off between the other tests."""
+    operation_tally.operation = f"{case.operation.label}, respond-async"
+    _call_and_validate(case, fuzz_service, operation_tally, headers={"Prefer": "respond-async"})
 
 
 # -- hand-written cases --------------------------------------------------------------------------
@@ -263,6 +345,193 @@ def test_malformed_bodies_on_v1_get_openais_4xx_never_a_5xx(
     assert set(payload) == {"error"}, payload
     assert set(payload["error"]) == {"message", "type", "param", "code"}, payload
     assert not any(leak in response.body for leak in LEAKS), response.body
+
+
+@pytest.mark.parametrize("name", list(BODIES))
+@pytest.mark.parametrize("path", ["/generate", "/v1/images/generations"])
+def test_malformed_bodies_as_async_jobs_get_a_4xx_never_a_5xx(
+    fuzz_service: ServiceProcess, path: str, name: str
+) -> None:
+    """The same bodies with `Prefer: respond-async`: refused alike, before any job is made;
+    the valid one is a job (202) to follow at `Location`."""
+    body, content_type, expected = BODIES[name]
+    if path.startswith("/v1"):
+        body = body.replace(b"cfg_scale", b"guidance_scale")
+        expected = 400 if expected == 422 else expected
+    expected = 202 if expected == 200 else expected
+    response = rawhttp.post(fuzz_service.base_url, path, body, ASYNC, content_type=content_type)
+    assert response.status == expected, (response.status, response.body[:300])
+    if response.status == 202:
+        assert response.header("location") == f"/jobs/{json.loads(response.body)['id']}"
+        assert response.header("preference-applied") == "respond-async"
+        return
+    _assert_names_the_field(path, response, field=None)
+
+
+def _error_message(path: str, response: rawhttp.RawResponse) -> str:
+    """The error's message, after checking the shape of its API: native `{"detail",
+    "request_id"}`, OpenAI's `{"error": {"message", "type", "param", "code"}}` under /v1."""
+    assert response.header("content-type") == JSON, response
+    assert not any(leak in response.body for leak in LEAKS), response.body
+    payload = json.loads(response.body)
+    if path.startswith("/v1"):
+        assert set(payload) == {"error"}, payload
+        assert set(payload["error"]) == {"message", "type", "param", "code"}, payload
+        message: str = payload["error"]["message"]
+        return message
+    assert set(payload) == {"detail", "request_id"}, payload
+    detail: str = payload["detail"]
+    return detail
+
+
+def _assert_names_the_field(path: str, response: rawhttp.RawResponse, field: str | None) -> None:
+    """A 4xx in the API's own error shape; with `field`, its message starts with the field's
+    name (and /v1 also sets `param`), so a client knows what to fix."""
+    assert 400 <= response.status < 500, (response.status, response.body[:300])
+    message = _error_message(path, response)
+    if field is not None:
+        assert message.startswith(f"{field}: "), message
+        if path.startswith("/v1"):
+            assert json.loads(response.body)["error"]["param"] == field
+
+
+# name: the `webhook` value as JSON. None may make a job, and the service may connect to none:
+# every URL here is refused on its face or by where it points (loopback, with no allowed hosts).
+WEBHOOKS: dict[str, str] = {
+    "a number": "1",
+    "true": "true",
+    "an array": '["http://127.0.0.1:1/"]',
+    "an object": '{"url": "http://127.0.0.1:1/"}',
+    "empty": '""',
+    "blank": '" "',
+    "3,000 characters": json.dumps("https://" + "a" * 2992),
+    "javascript:": '"javascript:alert(1)"',
+    "file:///etc/passwd": '"file:///etc/passwd"',
+    "data:": '"data:text/plain,hi"',
+    "ftp://": '"ftp://127.0.0.1/"',
+    "loopback": '"http://127.0.0.1:1/"',
+    "IPv6 loopback": '"http://[::1]:1/"',
+    "IPv4-mapped loopback": '"http://[::ffff:127.0.0.1]:1/"',
+    "loopback as one number": '"http://2130706433:1/"',
+    "localhost": '"http://localhost:1/"',
+    "0.0.0.0": '"http://0.0.0.0:1/"',
+    "user and password": '"http://user:pw@127.0.0.1:1/"',
+    "port 0": '"http://127.0.0.1:0/"',
+    "port past 65535": '"http://127.0.0.1:99999/"',
+    "no host": '"http:///hook"',
+    "NUL in the host": '"http://\\u0000/"',
+    "a space in the host": '"http://a b/"',
+}
+
+
+def _with_webhook(path: str, webhook: str) -> bytes:
+    size = '"size":"256x256"' if path.startswith("/v1") else '"image_size":256'
+    return f'{{"prompt":"a","num_inference_steps":1,{size},"webhook":{webhook}}}'.encode()
+
+
+@pytest.mark.parametrize("name", list(WEBHOOKS))
+@pytest.mark.parametrize("path", ["/generate", "/v1/images/generations"])
+def test_hostile_webhooks_are_refused_naming_the_field(
+    fuzz_service: ServiceProcess, path: str, name: str
+) -> None:
+    response = rawhttp.post(fuzz_service.base_url, path, _with_webhook(path, WEBHOOKS[name]), ASYNC)
+    _assert_names_the_field(path, response, field="webhook")
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/images/generations"])
+def test_a_webhook_past_the_body_limit_is_refused_with_413(
+    fuzz_service: ServiceProcess, path: str
+) -> None:
+    body = _with_webhook(path, json.dumps("https://" + "a" * 100_000))
+    response = rawhttp.post(fuzz_service.base_url, path, body, ASYNC)
+    assert response.status == 413
+    assert "OVIS_MAX_BODY_BYTES" in _error_message(path, response)
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/images/generations"])
+def test_a_webhook_without_respond_async_is_refused_naming_the_field(
+    fuzz_service: ServiceProcess, path: str
+) -> None:
+    """It would never be sent: a synchronous answer has no job to report on."""
+    body = _with_webhook(path, '"https://hooks.example.com/done"')
+    response = rawhttp.post(fuzz_service.base_url, path, body)
+    _assert_names_the_field(path, response, field="webhook")
+    assert "respond-async" in _error_message(path, response)
+
+
+def _cursor(raw: bytes) -> str:
+    """`raw` wrapped as the service wraps its cursors (URL-safe base64, no padding)."""
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+# name: (query string, the field the refusal names).
+LIST_QUERIES: dict[str, tuple[str, str]] = {
+    "limit 0": ("limit=0", "limit"),
+    "limit -1": ("limit=-1", "limit"),
+    "limit past the page size": ("limit=101", "limit"),
+    "limit of 40 digits": ("limit=" + "9" * 40, "limit"),
+    "limit as a float": ("limit=1.5", "limit"),
+    "limit as a word": ("limit=ten", "limit"),
+    "limit empty": ("limit=", "limit"),
+    "limit with a NUL": ("limit=1%00", "limit"),
+    "cursor not base64": ("after=%%%", "after"),
+    "cursor of 201 characters": ("after=" + "A" * 201, "after"),
+    "cursor of a NUL": ("after=%00", "after"),
+    "cursor of non-UTF-8 bytes": ("after=" + _cursor(b"\xff\xfe"), "after"),
+    "cursor of a JSON string": ("after=" + _cursor(b'"ab"'), "after"),
+    "cursor of a JSON number": ("after=" + _cursor(b"12"), "after"),
+    "cursor of three items": ("after=" + _cursor(b'[1, "a", 2]'), "after"),
+    "cursor with a text timestamp": ("after=" + _cursor(b'["noon", "a"]'), "after"),
+    "cursor with a list timestamp": ("after=" + _cursor(b'[[1], "a"]'), "after"),
+    # A job id the database cannot store: a lone UTF-16 surrogate, escaped and as raw bytes.
+    "cursor id with a lone surrogate escape": ("after=" + _cursor(b'[1, "\\ud800"]'), "after"),
+    "cursor id with a raw surrogate": ("after=" + _cursor(b'[1, "\xed\xa0\x80"]'), "after"),
+}
+
+
+@pytest.mark.parametrize("name", list(LIST_QUERIES))
+def test_hostile_list_queries_are_refused_naming_the_field(
+    fuzz_service: ServiceProcess, name: str
+) -> None:
+    query, field = LIST_QUERIES[name]
+    with fuzz_service.client(timeout=30) as client:
+        response = client.get(f"/jobs?{query}")
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    assert response.headers["content-type"] == JSON
+    assert response.json()["detail"].startswith(f"{field}: "), response.text
+
+
+# Percent-encoded as they go on the wire. None is the id of a job; each gets the 404 of an
+# unknown job (or, where it does not even match the route, the plain 404).
+JOB_IDS: dict[str, str] = {
+    "10,000 characters": "j" * 10_000,
+    "NUL": "%00",
+    "non-UTF-8 byte": "%FF",
+    "UTF-16 surrogate as raw bytes": "%ED%A0%80",
+    "SQL": "%27%20OR%201%3D1%20--",
+    "path traversal": "..%2F..%2Fetc%2Fpasswd",
+    "LIKE wildcard": "%25",
+    "non-ASCII": "%C3%A9%E4%B8%AD",
+}
+JOB_ROUTES = [
+    ("GET", "/jobs/{}"),
+    ("GET", "/jobs/{}/events"),
+    ("POST", "/jobs/{}/cancel"),
+    ("DELETE", "/jobs/{}"),
+    ("GET", "/images/{}.png"),
+]
+
+
+@pytest.mark.parametrize("name", list(JOB_IDS))
+@pytest.mark.parametrize(("method", "route"), JOB_ROUTES)
+def test_hostile_path_ids_get_a_404(
+    fuzz_service: ServiceProcess, method: str, route: str, name: str
+) -> None:
+    with fuzz_service.client(timeout=30) as client:
+        response = client.request(method, route.format(JOB_IDS[name]))
+    assert response.status_code == 404, (response.status_code, response.text[:300])
+    assert response.headers["content-type"] == JSON
+    assert set(response.json()) == {"detail", "request_id"}, response.text[:300]
 
 
 def test_a_10_mb_body_is_refused_with_413_before_it_is_read(fuzz_service: ServiceProcess) -> None:
