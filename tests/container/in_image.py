@@ -16,8 +16,9 @@ from pathlib import Path
 from ovis_service.config import Settings, env_name, load_settings
 
 CACHE = Path("/root/.cache/huggingface")
+DATA = Path(os.environ.get("OVIS_DATA_DIR", "data"))
 # Set by the image, not the app's default.
-IMAGE_VALUES = {"OVIS_HOST"}
+IMAGE_VALUES = {"OVIS_HOST", "OVIS_DATA_DIR"}
 
 
 def contents() -> dict[str, object]:
@@ -26,6 +27,9 @@ def contents() -> dict[str, object]:
         "present": [p for p in ("/app/tests", "/app/.env", "/app/.git") if os.path.lexists(p)],
         "cache_entries": sorted(str(path) for path in CACHE.iterdir()),
         "cache_owned_by_app_user": CACHE.stat().st_uid == os.geteuid(),
+        "data_dir": str(DATA),
+        "data_entries": sorted(str(path) for path in DATA.iterdir()),
+        "data_owned_by_app_user": DATA.stat().st_uid == os.geteuid(),
         "python": platform.python_version(),
         "uv": subprocess.run(
             ["/usr/local/bin/uv", "--version"], capture_output=True, text=True, check=True

@@ -17,6 +17,8 @@ from tests.container.client import Health, check_health
 
 # Where the image keeps the Hugging Face cache, which compose puts on a named volume.
 CACHE_VOLUME_PATH = "/root/.cache/huggingface"
+# OVIS_DATA_DIR in the image: the job store.
+DATA_VOLUME_PATH = "/data"
 SETUP_COMMAND = "scripts/container-host-setup.sh (as root)"
 # Seconds; the same as stop_grace_period in compose.yaml.
 GRACE = 60

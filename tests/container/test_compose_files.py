@@ -15,7 +15,7 @@ from tests.container.compose import (
     ComposeModel,
     ComposeProject,
 )
-from tests.container.podman import CACHE_VOLUME_PATH, Host, facts_from_image
+from tests.container.podman import CACHE_VOLUME_PATH, DATA_VOLUME_PATH, Host, facts_from_image
 from tests.support.service import REPO_ROOT
 
 # The image build is a fixture with a timeout of its own.
@@ -112,6 +112,16 @@ def test_the_model_cache_is_a_named_volume(model: ComposeModel, service: dict[st
     cache = {"source": "hf-cache", "target": CACHE_VOLUME_PATH}
     assert any(cache.items() <= volume.items() for volume in volumes), volumes
     assert "hf-cache" in (model.get("volumes") or {})
+
+
+def test_the_job_store_is_a_named_volume(model: ComposeModel, service: dict[str, Any]) -> None:
+    """Async jobs and their images survive `down` and rebuilds; the image sets OVIS_DATA_DIR to
+    this path, and nothing in the files may point it elsewhere, off the volume."""
+    volumes = volumes_of(service)
+    data = {"source": "ovis-data", "target": DATA_VOLUME_PATH}
+    assert any(data.items() <= volume.items() for volume in volumes), volumes
+    assert "ovis-data" in (model.get("volumes") or {})
+    assert (service.get("environment") or {}).get("OVIS_DATA_DIR") in (None, DATA_VOLUME_PATH)
 
 
 def test_the_healthcheck_polls_health_and_waits_out_the_first_download(

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.container.podman import CACHE_VOLUME_PATH, Host, facts_from_image
+from tests.container.podman import CACHE_VOLUME_PATH, DATA_VOLUME_PATH, Host, facts_from_image
 from tests.support.service import REPO_ROOT
 
 # The image build is a fixture with a timeout of its own.
@@ -81,6 +81,8 @@ def test_the_image_environment(environment: dict[str, str]) -> None:
     assert environment.get("PYTHONUNBUFFERED") == "1"
     # Inside a container the service must listen beyond its own loopback.
     assert environment.get("OVIS_HOST") == "0.0.0.0"
+    # Absolute: the default, `data`, would be under /app, which the app user cannot write.
+    assert environment.get("OVIS_DATA_DIR") == DATA_VOLUME_PATH
 
 
 def test_no_secret_is_baked_into_the_image(environment: dict[str, str]) -> None:
@@ -104,3 +106,12 @@ def test_no_weights_are_baked_in_and_the_app_user_owns_the_cache(
     assert contents["cache_entries"] == []
     assert contents["uid"] != 0
     assert contents["cache_owned_by_app_user"]
+
+
+def test_the_job_store_directory_is_empty_and_the_app_user_owns_it(
+    contents: dict[str, Any],
+) -> None:
+    """A new named volume on it starts as this directory, owner included: no chown needed."""
+    assert contents["data_dir"] == DATA_VOLUME_PATH
+    assert contents["data_entries"] == []
+    assert contents["data_owned_by_app_user"]
