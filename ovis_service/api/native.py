@@ -18,7 +18,7 @@ from ovis_service.api.common import (
     require_json_body,
 )
 from ovis_service.api.job_schemas import Job
-from ovis_service.api.jobs import accept_job, refuse_webhook_without_job, wants_async
+from ovis_service.api.respond_async import accept_job, refuse_webhook_without_job, wants_async
 from ovis_service.api.streaming import EventStream, native_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, MalformedHeaderError, NotAcceptableError
@@ -55,10 +55,14 @@ _ERROR_RESPONSES = {
         413: "The body is larger than the configured limit.",
         415: "The Content-Type is not application/json.",
         422: "A field breaks a rule; `detail` names the field and the rule.",
-        202: "With `Prefer: respond-async`: the job, to follow at `Location` (docs/jobs.md).",
         503: "Queue full, model loading, GPU out of memory or shutting down; see Retry-After.",
         504: "The request deadline passed.",
     }.items()
+} | {
+    202: ResponseSpec(
+        data_container=Job,
+        description="With `Prefer: respond-async`: the job, committed; follow it at `Location`.",
+    )
 }
 
 

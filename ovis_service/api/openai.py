@@ -23,13 +23,6 @@ from ovis_service.api.common import (
     to_b64,
 )
 from ovis_service.api.job_schemas import Job, image_path
-from ovis_service.api.jobs import (
-    accept_job,
-    public_base,
-    refuse_webhook_without_job,
-    store_images,
-    wants_async,
-)
 from ovis_service.api.openai_schemas import (
     ImageData,
     ImagesResponse,
@@ -39,6 +32,13 @@ from ovis_service.api.openai_schemas import (
     Usage,
 )
 from ovis_service.api.openai_translation import translate
+from ovis_service.api.respond_async import (
+    accept_job,
+    public_base,
+    refuse_webhook_without_job,
+    store_images,
+    wants_async,
+)
 from ovis_service.api.streaming import EventStream, openai_events
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, NotFoundError
@@ -65,6 +65,11 @@ _ERRORS = {
         503: "Queue full or model loading; the SDK retries after Retry-After by itself.",
         504: "The request deadline passed.",
     }.items()
+} | {
+    202: ResponseSpec(
+        data_container=Job,
+        description="With `Prefer: respond-async`: the job, committed; follow it at `Location`.",
+    )
 }
 
 

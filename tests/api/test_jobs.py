@@ -145,7 +145,7 @@ def test_jobs_belong_to_the_key_that_made_them() -> None:
         ]:
             answer = client.request(method, path, headers=AS_B)
             assert answer.status_code == 404, (method, path)
-            assert "no job" in answer.json()["detail"]
+            assert "no such job" in answer.json()["detail"]
         assert client.get("/jobs", headers=AS_B).json()["data"] == []
         assert [j["id"] for j in client.get("/jobs", headers=AS_A).json()["data"]] == [mine]
         assert client.get(f"/jobs/{mine}").status_code == 401  # and the key is needed at all
