@@ -136,6 +136,13 @@ def test_base_keeps_sqlite_on_a_read_write_once_claim(base: list[Manifest]) -> N
     assert secret_ref(base, "OVIS_DATABASE_URL")["optional"] is True
 
 
+def test_the_base_stays_one_replica_on_its_sqlite_job_store(base: list[Manifest]) -> None:
+    """One pod owns the base's SQLite store on a ReadWriteOnce claim: a second pod would hang
+    attaching it on another node, or rerun the first pod's jobs on the same one."""
+    assert only(base, "ScaledObject")["spec"]["maxReplicaCount"] == 1
+    assert "persistentVolumeClaim" in mounted_volumes(base)[literal_env(base)["OVIS_DATA_DIR"]]
+
+
 def test_overlay_with_many_replicas_requires_postgresql(overlay: list[Manifest]) -> None:
     """Above one replica every pod must share one store: without the Secret's database URL
     the pods do not start, rather than each keep jobs the others cannot see. Its data
@@ -197,8 +204,7 @@ def test_replicas_belong_to_the_autoscaler(rendered: list[Manifest]) -> None:
 def test_autoscaling_keeps_a_warm_pod_and_scales_down_slowly(rendered: list[Manifest]) -> None:
     spec = only(rendered, "ScaledObject")["spec"]
     assert spec["minReplicaCount"] == 1
-    # One pod owns the base's SQLite job store; the overlay scales out on PostgreSQL.
-    assert spec["maxReplicaCount"] == 1
+    assert spec["maxReplicaCount"] >= 1
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
     assert behavior["scaleUp"]["stabilizationWindowSeconds"] <= 60
