@@ -4,8 +4,9 @@
 - `openai`        `/v1/images/generations`, `/v1/models`: OpenAI's Images API, with its body
                   schemas in `openai_schemas` and its translation into jobs in `openai_translation`
 - `streaming`     the server-sent events of both
-- `jobs`          `Prefer: respond-async` on either API, `/jobs` and `/images/{token}`; the
-                  job's JSON in `job_schemas`
+- `respond_async` `Prefer: respond-async` on either API: the request becomes a job
+- `jobs`          `/jobs` (follow, list, cancel, delete) and `/images/{token}`; the job's JSON
+                  in `job_schemas`
 - `ops`           `/health` (readiness), `/livez` (liveness) and `/metrics`
 - `page`, `docs`  the playground and the offline API docs
 - `errors`        the one exception handler: native and OpenAI error bodies
