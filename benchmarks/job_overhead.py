@@ -22,23 +22,16 @@ answer's for the same seed; the output says so when they do not.
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-READY_TIMEOUT_S = 600  # a full-size model loads for minutes; the tiny one in seconds
-DRAIN_TIMEOUT_S = 30
+from benchmarks.local_service import running_service
+
 PROMPT = "a red fox in the snow"
 ASYNC = {"Prefer": "respond-async"}
 COLUMNS = ("sync", "events", "poll")
@@ -97,55 +90,6 @@ def job_image_by_polling(interval: float) -> Measure:
             time.sleep(interval)
 
     return measure
-
-
-@contextmanager
-def running_service(model: str, devices: str) -> Iterator[httpx.Client]:
-    """`ovis-service` with `model` on `devices` and nothing else from this environment's
-    `OVIS_*`; SIGTERM at the end, as `docker stop` sends."""
-    port = _free_port()
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("OVIS_")}
-    environ.update({"OVIS_MODEL": model, "OVIS_DEVICES": devices})
-    environ.setdefault("HF_HUB_OFFLINE", "1")
-    command = [sys.executable, "-m", "ovis_service", "--host", "127.0.0.1", "--port", str(port)]
-    with tempfile.TemporaryDirectory() as directory:
-        log_path = Path(directory) / "service.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(command, cwd=directory, env=environ, stdout=log, stderr=log)
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-                _wait_until_ready(client, process, log_path)
-                yield client
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=DRAIN_TIMEOUT_S + 30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_until_ready(
-    client: httpx.Client, process: subprocess.Popen[bytes], log_path: Path
-) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"ovis-service exited early:\n{log_path.read_text()[-3000:]}")
-        try:
-            if client.get("/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.2)
-    raise TimeoutError(f"ovis-service not ready after {READY_TIMEOUT_S} s")
 
 
 def run(client: httpx.Client, args: argparse.Namespace) -> dict[str, Any]:
@@ -233,7 +177,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
 
-    with running_service(args.model, args.devices) as client:
+    with running_service({"OVIS_MODEL": args.model, "OVIS_DEVICES": args.devices}) as client:
         result = run(client, args)
     print(report(result))
     if args.out is not None:

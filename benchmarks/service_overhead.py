@@ -10,20 +10,13 @@ measure the real architecture.
 
 import argparse
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 
-from ovis_service.config import ENV_PREFIX, Settings
+from benchmarks.local_service import running_service
+from ovis_service.config import Settings
 from ovis_service.engine import EngineInfo, StepHooks
 from ovis_service.imaging import encode_image
 from ovis_service.model_source import public_model_name
@@ -31,7 +24,6 @@ from ovis_service.pipeline import DiffusersEngine
 from ovis_service.schemas import GenerationParams
 
 CASES = [(256, 2), (512, 4), (1024, 2)]
-READY_TIMEOUT_S = 600  # a full-size model loads for minutes; the tiny one in seconds
 
 
 def direct_seconds(
@@ -71,59 +63,6 @@ def http_seconds(client: httpx.Client, size: int, steps: int, rounds: int) -> li
     return timings
 
 
-@contextmanager
-def running_service(settings: Settings) -> Iterator[httpx.Client]:
-    """`ovis-service` in its own process on a free loopback port, with `settings` and nothing
-    else: no inherited `OVIS_*` variable, and an empty directory so that no `.env` applies.
-    SIGTERM at the end, as `docker stop` sends."""
-    port = _free_port()
-    environ = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
-    environ.update({"OVIS_MODEL": settings.model, "OVIS_DEVICE": settings.device})  # all we vary
-    command = [sys.executable, "-m", "ovis_service", "--host", "127.0.0.1", "--port", str(port)]
-    with tempfile.TemporaryDirectory() as directory:
-        log_path = Path(directory) / "service.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(command, cwd=directory, env=environ, stdout=log, stderr=log)
-        try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
-                _wait_until_ready(client, process, log_path)
-                yield client
-        finally:
-            _stop(process, settings.drain_timeout + 30)
-
-
-def _stop(process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_until_ready(
-    client: httpx.Client, process: subprocess.Popen[bytes], log_path: Path
-) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"ovis-service exited early:\n{log_path.read_text()[-3000:]}")
-        try:
-            if client.get("/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.2)
-    raise TimeoutError(f"ovis-service not ready after {READY_TIMEOUT_S} s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tiny")
@@ -137,7 +76,10 @@ def main() -> None:
     info = engine.load()
     direct_seconds(engine, info, 256, 2, 2)  # warm-up
 
-    with running_service(settings) as client:
+    with running_service(
+        {"OVIS_MODEL": settings.model, "OVIS_DEVICE": settings.device},  # all we vary
+        stop_timeout_s=settings.drain_timeout + 30,
+    ) as client:
         http_seconds(client, 256, 2, 2)  # warm-up
         print(f"model={args.model} rounds={args.rounds} (median seconds per image)")
         print(f"{'size':>6} {'steps':>5} {'direct':>9} {'http':>9} {'http/direct':>12}")
