@@ -62,6 +62,20 @@ def job_params(record: JobRecord) -> list[GenerationParams]:
     return [GenerationParams(**params) for params in record.request["params"]]
 
 
+def image_files(encoded: list[EncodedImage], image_format: ImageFormat) -> list[NewImage]:
+    """A request's finished images as the store keeps them, in request order."""
+    return [
+        NewImage(
+            index=image.index,
+            seed=image.params.seed,
+            image_format=image_format,
+            media_type=MEDIA_TYPES[image_format],
+            data=image.data,
+        )
+        for image in sorted(encoded, key=lambda image: image.index)
+    ]
+
+
 class JobRunner:
     def __init__(
         self,
@@ -295,16 +309,7 @@ class JobRunner:
     async def _succeed(
         self, record: JobRecord, encoded: list[EncodedImage], image_format: ImageFormat
     ) -> None:
-        files = [
-            NewImage(
-                index=image.index,
-                seed=image.params.seed,
-                image_format=image_format,
-                media_type=MEDIA_TYPES[image_format],
-                data=image.data,
-            )
-            for image in sorted(encoded, key=lambda image: image.index)
-        ]
+        files = image_files(encoded, image_format)
         if await asyncio.to_thread(self.store.succeed, record.id, files):
             logger.info("job_succeeded", images=len(files))
             await self._after_finish(record.id)

@@ -14,11 +14,11 @@ from ovis_service.auth import key_owner
 from ovis_service.config import Settings
 from ovis_service.errors import BadRequestError, OverloadedError, StoreUnavailableError
 from ovis_service.generation import EncodedImage
-from ovis_service.imaging import MEDIA_TYPES, ImageFormat
-from ovis_service.job_runner import JobRunner
+from ovis_service.imaging import ImageFormat
+from ovis_service.job_runner import JobRunner, image_files
 from ovis_service.schemas import GenerationParams
 from ovis_service.store.job_store import JobStore
-from ovis_service.store.records import ApiName, JobRecord, NewImage, NewJob
+from ovis_service.store.records import ApiName, JobRecord, NewJob
 from ovis_service.webhooks import check_webhook_url
 from ovis_service.worker.pool import InferencePool
 
@@ -128,16 +128,7 @@ async def store_images(
         },
         base_url=public_base(request, settings),
     )
-    files = [
-        NewImage(
-            index=image.index,
-            seed=image.params.seed,
-            image_format=image_format,
-            media_type=MEDIA_TYPES[image_format],
-            data=image.data,
-        )
-        for image in images
-    ]
+    files = image_files(images, image_format)
     try:
         return await asyncio.to_thread(store.create_finished, new, files)
     except SQLAlchemyError:
