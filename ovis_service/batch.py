@@ -43,8 +43,10 @@ RESULTS_NAME = "results.jsonl"
 _PARTIAL_PREFIX = ".partial-"  # a temporary image; never trusted, removed by the next run
 _EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 _MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
-# 502 and 504 come from a proxy in front, or a deadline: the next try may well pass.
-_RETRYABLE = frozenset({429, 502, 503, 504})
+# 502 comes from a proxy in front while the service restarts: the next try may well pass. A
+# 504 is the service's own deadline (OVIS_REQUEST_TIMEOUT): a line that ran past it would most
+# likely run past it again, so it fails rather than burn the GPU twenty times.
+_RETRYABLE = frozenset({429, 502, 503})
 _BACKOFF_CAP_SECONDS = 30.0  # when the answer gives no Retry-After, or there was no answer
 _RETRY_AFTER_CAP_SECONDS = 600.0  # the service's own default request deadline
 _FAILURES_LISTED = 50

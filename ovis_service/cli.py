@@ -22,6 +22,7 @@ from ovis_service.config import Settings, SettingsError, load_settings
 from ovis_service.envfile import apply_env_file
 from ovis_service.logs import configure_logging
 from ovis_service.model_source import ModelLoadError
+from ovis_service.store.database import hold_data_dir
 from ovis_service.worker.pool import InferencePool
 from ovis_service.worker.types import WorkerState
 
@@ -92,10 +93,11 @@ def _swallow_reraised_signal(_signum: int, _frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
+    # .env first: the batch client reads OVIS_API_KEY from it too.
+    env_file = apply_env_file()
     if argv[:1] == ["batch"]:
         return batch.main(argv[1:])
     args = _parse_args(argv)
-    env_file = apply_env_file()
     try:
         settings = load_settings(origins=env_file.origins() if env_file else None)
     except SettingsError as exc:
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(settings: Settings, host: str, port: int) -> int:
     try:
+        data_dir = hold_data_dir(settings)  # noqa: F841  (held open until the process ends)
         app = create_app(settings)
     except SettingsError as exc:
         print(f"ovis-service: configuration error: {exc}", file=sys.stderr)

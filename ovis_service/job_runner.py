@@ -23,6 +23,7 @@ from ovis_service.config import Settings
 from ovis_service.errors import (
     GenerationFailedError,
     JobCancelledError,
+    NotReadyError,
     ServiceError,
     ShuttingDownError,
 )
@@ -101,6 +102,7 @@ class JobRunner:
         self._running: dict[str, Generation] = {}
         self._job_tasks: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
+        self._delivering: set[str] = set()  # jobs whose webhook is being sent by this replica
         self._cancelled: set[str] = set()  # running here, asked to stop
         self._listeners: dict[str, set[asyncio.Queue[Heard]]] = {}
 
@@ -131,7 +133,7 @@ class JobRunner:
             await asyncio.wait(set(self._job_tasks), timeout=timeout)
         for job_id, generation in list(self._running.items()):
             generation.cancel()
-            await asyncio.to_thread(self.store.release, job_id)
+            await asyncio.to_thread(self.store.release, job_id, self.replica)
         for task in [*self._loops, *self._job_tasks]:
             task.cancel()
         for task in [*self._loops, *self._job_tasks]:
@@ -190,15 +192,28 @@ class JobRunner:
                     record = await asyncio.to_thread(self.store.claim_next, self.replica)
                     if record is None or not await self._start(record):
                         break
-            except SQLAlchemyError:
-                logger.exception("job_store_unavailable")
+            except Exception:
+                # The loop must outlive anything: a store that is down, a row it cannot read.
+                logger.exception("job_dispatch_failed")
                 await asyncio.sleep(1.0)
 
     async def _start(self, record: JobRecord) -> bool:
+        params = job_params(record)
+        if len(params) > self._worker.places:
+            # Accepted by a replica with more places, or before OVIS_QUEUE_SIZE was lowered:
+            # it could never start here, and must not hold up the jobs behind it.
+            await self._finish(
+                record,
+                JobStatus.FAILED,
+                f"this replica runs at most {self._worker.places} images at once; "
+                f"the job asks for {len(params)}",
+                "too_many_images",
+            )
+            return True
         try:
             generation = submit(
                 self._worker,
-                job_params(record),
+                params,
                 request_id=record.id,
                 timeout=self._settings.request_timeout,
                 watch=True,
@@ -207,7 +222,7 @@ class JobRunner:
             # A synchronous request took the idle thread first, or the pool stopped taking
             # work: the job goes back to its place in the queue.
             logger.info("job_released", job_id=record.id, reason=exc.detail)
-            await asyncio.to_thread(self.store.release, record.id)
+            await asyncio.to_thread(self.store.release, record.id, self.replica)
             return False
         self._running[record.id] = generation
         task = asyncio.create_task(self._run(record, generation), name=f"job-{record.id}")
@@ -225,20 +240,20 @@ class JobRunner:
                 )
                 for job_id in stop:
                     self.cancel_here(job_id)
-                if self._shared:
-                    requeued = await asyncio.to_thread(
-                        self.store.requeue_stale, self.store.clock() - self._settings.job_lease
-                    )
-                    if requeued:
-                        logger.warning("jobs_requeued", jobs=requeued, reason="lease expired")
-                        self.wake()
+                # A replica that died, or a job whose last write failed here, left it running.
+                requeued = await asyncio.to_thread(
+                    self.store.requeue_stale, self.store.clock() - self._settings.job_lease
+                )
+                if requeued:
+                    logger.warning("jobs_requeued", jobs=requeued, reason="lease expired")
+                    self.wake()
                 if time.monotonic() - last_purge > _PURGE_SECONDS:
                     last_purge = time.monotonic()
                     purged = await asyncio.to_thread(self.store.purge_expired)
                     if purged:
                         logger.info("jobs_expired", count=purged)
-            except SQLAlchemyError:
-                logger.exception("job_store_unavailable")
+            except Exception:
+                logger.exception("job_maintenance_failed")
 
     # -- one job ---------------------------------------------------------------------------------
 
@@ -263,7 +278,7 @@ class JobRunner:
                     now = time.monotonic()
                     if now - last_write >= _PROGRESS_WRITE_SECONDS or progress[0] == progress[1]:
                         last_write = now
-                        await asyncio.to_thread(self.store.set_progress, record.id, *progress)
+                        await self._write_progress(record.id, progress)
                 elif isinstance(event, ImageDone):
                     encoded.append(
                         await finish_image(
@@ -277,11 +292,12 @@ class JobRunner:
                     record, JobStatus.CANCELLED, "cancelled while running", "cancelled"
                 )
             else:  # stopped by this replica, not by its owner: it runs again
-                await asyncio.to_thread(self.store.release, record.id)
-        except ShuttingDownError:
-            # The drain ran out while it ran: it starts again at the next start.
-            await asyncio.to_thread(self.store.release, record.id)
-            logger.info("job_released", reason="shutting down")
+                await asyncio.to_thread(self.store.release, record.id, self.replica)
+        except (ShuttingDownError, NotReadyError) as exc:
+            # The drain ran out, or this replica's model is gone: not the job's fault, so it
+            # runs again, at the next start or on another replica.
+            await asyncio.to_thread(self.store.release, record.id, self.replica)
+            logger.info("job_released", reason=exc.detail)
         except ServiceError as exc:
             await self._finish(record, JobStatus.FAILED, exc.detail, exc.openai_code or "failed")
         except SQLAlchemyError:
@@ -302,6 +318,13 @@ class JobRunner:
             self._cancelled.discard(record.id)
             self.wake()  # this thread is free for the next job
 
+    async def _write_progress(self, job_id: str, progress: Progress) -> None:
+        """Best effort: a progress write that fails must not fail a job whose images are fine."""
+        try:
+            await asyncio.to_thread(self.store.set_progress, job_id, *progress, self.replica)
+        except SQLAlchemyError:
+            logger.warning("job_progress_not_written", exc_info=True)
+
     def _publish(self, job_id: str, progress: Heard) -> None:
         for queue in self._listeners.get(job_id, ()):
             queue.put_nowait(progress)
@@ -310,14 +333,18 @@ class JobRunner:
         self, record: JobRecord, encoded: list[EncodedImage], image_format: ImageFormat
     ) -> None:
         files = image_files(encoded, image_format)
-        if await asyncio.to_thread(self.store.succeed, record.id, files):
+        if await asyncio.to_thread(self.store.succeed, record.id, files, self.replica):
             logger.info("job_succeeded", images=len(files))
             await self._after_finish(record.id)
+        else:
+            # Its owner asked it to stop after the last step (it ends cancelled), or it was
+            # deleted or taken over meanwhile (then nothing here is written).
+            await self._finish(record, JobStatus.CANCELLED, "cancelled while running", "cancelled")
 
     async def _finish(self, record: JobRecord, status: JobStatus, message: str, code: str) -> None:
         try:
             done = await asyncio.to_thread(
-                self.store.finish_unsuccessfully, record.id, status, message, code
+                self.store.finish_unsuccessfully, record.id, status, message, code, self.replica
             )
         except SQLAlchemyError:
             logger.exception("job_store_write_failed")
@@ -332,11 +359,13 @@ class JobRunner:
             self._send_webhook(record)
 
     def _send_webhook(self, record: JobRecord) -> None:
-        if self.webhooks is None or record.webhook is None:
-            return
+        if self.webhooks is None or record.webhook is None or record.id in self._delivering:
+            return  # (a second cancel of a finished job must not start a second delivery)
+        self._delivering.add(record.id)
         task = asyncio.create_task(self._deliver(self.webhooks, record, record.webhook))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
+        task.add_done_callback(lambda _task: self._delivering.discard(record.id))
 
     async def _deliver(self, sender: WebhookSender, record: JobRecord, url: str) -> None:
         # The job id is the message id: a receiver that sees it twice (a retry, or a restart

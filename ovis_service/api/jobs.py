@@ -193,8 +193,8 @@ class ImagesController(Controller):
             media_type=image.media_type,
             headers={
                 "X-Seed": str(image.seed),
-                # The bytes behind a token never change; only the job's expiry ends them.
-                "Cache-Control": "private, max-age=3600, immutable",
+                # Briefly: the bytes never change, but a deleted job's images must go soon.
+                "Cache-Control": "private, max-age=60",
                 "X-Content-Type-Options": "nosniff",
             },
         )
@@ -255,6 +255,8 @@ def _event(name: str, payload: dict[str, Any]) -> ServerSentEventMessage:
 async def _owned(
     store: JobStore, job_id: str, request: Request[Any, Any, Any], settings: Settings
 ) -> JobRecord:
+    if not _well_formed(job_id):
+        raise _not_found(job_id)
     record: JobRecord | None = await read_store(
         store.get, job_id, key_owner(request, settings.api_keys)
     )

@@ -1,5 +1,7 @@
 """Operations endpoints: readiness (/health), liveness (/livez) and Prometheus metrics."""
 
+import asyncio
+
 import msgspec
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
@@ -87,7 +89,8 @@ def metrics_route(*, public: bool) -> HTTPRouteHandler:
 
     async def metrics(metrics: NamedDependency[ServiceMetrics]) -> Response[bytes]:
         """Prometheus text format: queue, running jobs, requests, refusals, timings, process."""
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        # Off the event loop: the backlog gauge asks the job store, which may be slow to answer.
+        return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE)
 
     return get(
         "/metrics",

@@ -12,7 +12,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from ovis_service.api.job_schemas import Job, job_view
 from ovis_service.auth import key_owner
 from ovis_service.config import Settings
-from ovis_service.errors import BadRequestError, OverloadedError, StoreUnavailableError
+from ovis_service.errors import (
+    BadRequestError,
+    NotReadyError,
+    OverloadedError,
+    StoreUnavailableError,
+)
 from ovis_service.generation import EncodedImage
 from ovis_service.imaging import ImageFormat
 from ovis_service.job_runner import JobRunner, image_files
@@ -21,6 +26,7 @@ from ovis_service.store.job_store import JobStore
 from ovis_service.store.records import ApiName, JobRecord, NewJob
 from ovis_service.webhooks import check_webhook_url
 from ovis_service.worker.pool import InferencePool
+from ovis_service.worker.types import WorkerState
 
 PREFER_ASYNC = "respond-async"
 
@@ -66,6 +72,12 @@ async def accept_job(
     settings: Settings,
 ) -> Response[Job]:
     """Commit the job, then answer 202; the runner starts it when a thread is free."""
+    state = worker.snapshot().state
+    if state in (WorkerState.FAILED, WorkerState.DEAD):
+        # Nothing here would ever run it; a replica with a model is what the client needs.
+        raise worker.count_rejection(
+            NotReadyError("the model is not available on this replica; retry another")
+        )
     if len(params) > worker.places:
         # The pool could never take all its images at once, so it would wait for ever.
         raise BadRequestError(

@@ -1,10 +1,12 @@
 """Opening the store's database: SQLite in OVIS_DATA_DIR unless OVIS_DATABASE_URL names a
 PostgreSQL server shared by replicas."""
 
+import fcntl
 import tempfile
 from pathlib import Path
+from typing import IO
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -12,6 +14,7 @@ from ovis_service.config import Settings, SettingsError
 from ovis_service.store.tables import metadata
 
 SQLITE_FILE = "jobs.sqlite3"
+LOCK_FILE = ".lock"
 # How long a SQLite writer waits for another (the event loop and the runner share the file).
 _SQLITE_BUSY_SECONDS = 30
 
@@ -33,12 +36,37 @@ def open_database(settings: Settings) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         setting = "OVIS_DATA_DIR"
     try:
-        metadata.create_all(engine)
+        with engine.begin() as conn:
+            if is_postgres(engine):
+                # Replicas that start together would race to create the same tables.
+                conn.execute(text("SELECT pg_advisory_xact_lock(4201)"))
+            metadata.create_all(conn)
     except SQLAlchemyError as exc:
         engine.dispose()
         reason = str(exc.orig if hasattr(exc, "orig") and exc.orig else exc).splitlines()[0]
         raise SettingsError(f"{setting}: the job store cannot be opened: {reason}") from None
     return engine
+
+
+def hold_data_dir(settings: Settings) -> IO[bytes] | None:
+    """Take the SQLite data directory for this process, or refuse: a second service on the same
+    directory would put the first one's running jobs back in the queue at its start and run
+    them twice. Held until the process ends (the file stays open). None with PostgreSQL, which
+    replicas share by design."""
+    if settings.database_url:
+        return None
+    path = writable_data_dir(settings.data_dir) / LOCK_FILE
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SettingsError(
+            f"OVIS_DATA_DIR: another ovis-service process already uses {str(path.parent)!r}; "
+            "its SQLite job store belongs to one process. Give this one its own OVIS_DATA_DIR, "
+            "or let both share OVIS_DATABASE_URL (PostgreSQL)"
+        ) from None
+    return handle
 
 
 def postgres_url(url: str) -> URL:

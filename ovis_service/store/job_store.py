@@ -188,22 +188,24 @@ class JobStore:
                         progress_total=None,
                     )
                 ).rowcount
-            if claimed:
-                return self._get(job_id)
+            record = self.get_any(job_id) if claimed else None
+            if record is not None:  # (None: deleted between the claim and this read)
+                return record
         return None
 
-    def release(self, job_id: str) -> None:
+    def release(self, job_id: str, replica: str | None = None) -> None:
         """Put a claimed job back at its place in the queue (its creation time is kept), for a
         replica that could not start it or is shutting down. A job whose owner asked it to stop
-        ends cancelled instead of running again."""
+        ends cancelled instead of running again. With `replica`, only while that replica still
+        holds the claim (another may have taken the job over)."""
         with self.engine.begin() as conn:
-            self._give_back(conn, jobs.c.id == job_id)
+            self._give_back(conn, self._held(job_id, replica))
 
-    def set_progress(self, job_id: str, step: int, total: int) -> None:
+    def set_progress(self, job_id: str, step: int, total: int, replica: str | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status == JobStatus.RUNNING.value)
+                .where(self._held(job_id, replica), jobs.c.status == JobStatus.RUNNING.value)
                 .values(progress_step=step, progress_total=total)
             )
 
@@ -241,15 +243,15 @@ class JobStore:
                 conn, or_(jobs.c.heartbeat_at.is_(None), jobs.c.heartbeat_at < older_than)
             )
 
-    def succeed(self, job_id: str, files: Sequence[NewImage]) -> bool:
+    def succeed(self, job_id: str, files: Sequence[NewImage], replica: str | None = None) -> bool:
         """Store the images and mark the job succeeded, in one transaction; False when the job
-        was cancelled or deleted meanwhile (nothing is stored then)."""
+        was cancelled, deleted or taken over meanwhile (nothing is stored then)."""
         now = self.clock()
         with self.engine.begin() as conn:
             done = conn.execute(
                 update(jobs)
                 .where(
-                    jobs.c.id == job_id,
+                    self._held(job_id, replica),
                     jobs.c.status == JobStatus.RUNNING.value,
                     jobs.c.cancel_requested.is_(False),
                 )
@@ -267,7 +269,12 @@ class JobStore:
         return True
 
     def finish_unsuccessfully(
-        self, job_id: str, status: JobStatus, message: str, code: str
+        self,
+        job_id: str,
+        status: JobStatus,
+        message: str,
+        code: str,
+        replica: str | None = None,
     ) -> bool:
         """Mark a running job failed or cancelled, with the reason a client reads."""
         now = self.clock()
@@ -275,7 +282,7 @@ class JobStore:
             return bool(
                 conn.execute(
                     update(jobs)
-                    .where(jobs.c.id == job_id, jobs.c.status == JobStatus.RUNNING.value)
+                    .where(self._held(job_id, replica), jobs.c.status == JobStatus.RUNNING.value)
                     .values(
                         status=status.value,
                         finished_at=now,
@@ -356,6 +363,12 @@ class JobStore:
             .returning(jobs.c.id)
         )
         return [row.id for row in requeued]
+
+    def _held(self, job_id: str, replica: str | None) -> Any:
+        """The job, and with `replica` only while that replica holds its claim."""
+        if replica is None:
+            return jobs.c.id == job_id
+        return and_(jobs.c.id == job_id, jobs.c.claimed_by == replica)
 
     def _alive(self) -> Any:
         return or_(jobs.c.expires_at.is_(None), jobs.c.expires_at > self.clock())

@@ -309,7 +309,7 @@ class _FullDisk(JobStore):
 
     full = False
 
-    def succeed(self, job_id: str, files: Sequence[NewImage]) -> bool:
+    def succeed(self, job_id: str, files: Sequence[NewImage], replica: str | None = None) -> bool:
         raise OperationalError("INSERT INTO ovis_images", {}, Exception("database or disk is full"))
 
     def create(self, new: NewJob) -> JobRecord:
@@ -334,6 +334,27 @@ def test_a_full_disk_fails_the_job_with_a_message_and_refuses_new_ones_with_a_50
         assert "job store" in refused.json()["detail"]
         # The service goes on: synchronous requests need no store.
         assert client.post("/generate", json=BODY, headers=AS_A).status_code == 200
+
+
+class _CancelledAfterTheLastStep(JobStore):
+    """A store in which every job's owner asks it to stop just as its images are stored."""
+
+    def succeed(self, job_id: str, files: Sequence[NewImage], replica: str | None = None) -> bool:
+        record = self.get_any(job_id)
+        assert record is not None
+        self.cancel(job_id, record.owner)
+        return super().succeed(job_id, files, replica)
+
+
+def test_a_cancel_that_arrives_after_the_last_step_ends_the_job_cancelled(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(api_keys=(KEY_A,), warmup=False, data_dir=str(tmp_path))
+    store = _CancelledAfterTheLastStep(open_database(settings), ttl=60)
+    with ready_client(create_app(settings, engine=FakeEngine(), store=store)) as client:
+        ended = wait_for(client, submit(client), "cancelled", "succeeded")
+        assert ended["status"] == "cancelled"  # not left `running` for ever
+        assert ended["images"] == []
 
 
 def test_image_urls_use_the_public_url_when_set() -> None:

@@ -11,6 +11,7 @@ from ovis_service.config import Settings, SettingsError
 from ovis_service.store.database import (
     SQLITE_FILE,
     describe,
+    hold_data_dir,
     open_database,
     postgres_url,
     writable_data_dir,
@@ -89,3 +90,18 @@ def test_sqlite_lives_in_the_data_dir_in_wal_mode(tmp_path: Path) -> None:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     finally:
         engine.dispose()
+
+
+def test_one_process_holds_a_sqlite_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path / "data"))
+    held = hold_data_dir(settings)
+    assert held is not None
+    try:
+        with pytest.raises(SettingsError, match="another ovis-service process") as refused:
+            hold_data_dir(settings)
+        assert str(refused.value).startswith("OVIS_DATA_DIR: ")
+    finally:
+        held.close()
+    hold_data_dir(settings).close()  # free again once the holder lets go
+    # PostgreSQL is shared by replicas on purpose: nothing to hold.
+    assert hold_data_dir(Settings(database_url="postgresql://ovis@127.0.0.1/ovis")) is None
