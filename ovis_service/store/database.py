@@ -32,6 +32,11 @@ def open_database(settings: Settings) -> Engine:
         engine = create_engine(
             URL.create("sqlite", database=str(path)),
             connect_args={"timeout": _SQLITE_BUSY_SECONDS, "check_same_thread": False},
+            # One connection, shared in turn: SQLite runs one writer at a time anyway, and a
+            # fixed connection keeps the process's open files fixed (no pool that grows
+            # whenever two store calls happen to overlap).
+            pool_size=1,
+            max_overflow=0,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         setting = "OVIS_DATA_DIR"
