@@ -3,7 +3,7 @@ the webhook's body), made from a store record."""
 
 import msgspec
 
-from ovis_service.store.records import JobRecord
+from ovis_service.store.records import ImageRecord, JobRecord
 
 
 class JobProgress(msgspec.Struct, kw_only=True):
@@ -58,8 +58,9 @@ class JobList(msgspec.Struct, kw_only=True):
     next_cursor: str | None = None
 
 
-def image_path(token: str, image_format: str) -> str:
-    return f"/images/{token}.{image_format}"
+def image_url(base_url: str, image: ImageRecord) -> str:
+    """Where anyone holding it fetches a stored image."""
+    return f"{base_url}/images/{image.token}.{image.image_format}"
 
 
 def job_view(record: JobRecord, base_url: str) -> Job:
@@ -94,7 +95,7 @@ def job_view(record: JobRecord, base_url: str) -> Job:
         progress=progress,
         images=[
             JobImage(
-                url=base_url + image_path(image.token, image.image_format),
+                url=image_url(base_url, image),
                 seed=image.seed,
                 format=image.image_format,
             )

@@ -22,7 +22,7 @@ from ovis_service.api.common import (
     require_json_body,
     to_b64,
 )
-from ovis_service.api.job_schemas import Job, image_path
+from ovis_service.api.job_schemas import Job, image_url
 from ovis_service.api.openai_schemas import (
     ImageData,
     ImagesResponse,
@@ -161,7 +161,7 @@ class OpenAIController(Controller):
             base = public_base(request, settings)
             items = [
                 ImageData(
-                    url=base + image_path(stored.token, stored.image_format),
+                    url=image_url(base, stored),
                     revised_prompt=None,
                     seed=stored.seed,
                 )

@@ -87,15 +87,13 @@ async def accept_job(
         )
     if webhook is not None:
         await check_webhook(webhook, settings)
-    new = NewJob(
-        owner=key_owner(request, settings.api_keys),
+    new = _new_job(
+        request,
+        settings,
         api=api,
-        request={
-            "params": [msgspec.to_builtins(p) for p in params],
-            "format": image_format,
-            "quality": quality,
-        },
-        base_url=public_base(request, settings),
+        params=params,
+        image_format=image_format,
+        quality=quality,
         webhook=webhook,
     )
     try:
@@ -130,21 +128,38 @@ async def store_images(
 ) -> JobRecord:
     """Keep a synchronous request's images for `response_format: "url"`: as a finished job of
     the caller's, so they expire, list and delete like any job's."""
-    new = NewJob(
-        owner=key_owner(request, settings.api_keys),
-        api="openai",
-        request={
-            "params": [msgspec.to_builtins(image.params) for image in images],
-            "format": image_format,
-            "quality": None,
-        },
-        base_url=public_base(request, settings),
-    )
+    params = [image.params for image in images]
+    new = _new_job(request, settings, api="openai", params=params, image_format=image_format)
     files = image_files(images, image_format)
     try:
         return await asyncio.to_thread(store.create_finished, new, files)
     except SQLAlchemyError:
         raise store_unavailable() from None
+
+
+def _new_job(
+    request: Request[Any, Any, Any],
+    settings: Settings,
+    *,
+    api: ApiName,
+    params: list[GenerationParams],
+    image_format: ImageFormat,
+    quality: int | None = None,
+    webhook: str | None = None,
+) -> NewJob:
+    """The job as the store keeps it: the caller's key digest, the parameters of each image
+    and how they are written, and where its image URLs point."""
+    return NewJob(
+        owner=key_owner(request, settings.api_keys),
+        api=api,
+        request={
+            "params": [msgspec.to_builtins(p) for p in params],
+            "format": image_format,
+            "quality": quality,
+        },
+        base_url=public_base(request, settings),
+        webhook=webhook,
+    )
 
 
 def refuse_webhook_without_job(webhook: str | None) -> None:
